@@ -1,0 +1,41 @@
+using Distributed.Training;
+using Spectre.Console;
+
+namespace Distributed.Cli;
+
+/// <summary>A live progress bar for a terminal: step, loss, learning rate, tokens/s and time left.</summary>
+static class ProgressDisplay
+{
+    public static EvalResult? RunLive(Trainer trainer, long? stopAt, CancellationToken cancellationToken)
+    {
+        EvalResult? result = null;
+        AnsiConsole.Progress()
+            .AutoClear(false)
+            .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(),
+                     new ElapsedTimeColumn(), new RemainingTimeColumn())
+            .Start(context =>
+            {
+                var task = context.AddTask("starting");
+                result = trainer.Run(new Observer(task), stopAt, cancellationToken);
+            });
+        return result;
+    }
+
+    sealed class Observer(ProgressTask task) : ITrainingObserver
+    {
+        public void OnStart(long firstStep, long lastStep)
+        {
+            task.MaxValue = lastStep;
+            task.Value = firstStep;
+        }
+
+        public void OnStep(StepMetrics m)
+        {
+            task.Value = m.Step;
+            task.Description = $"step {m.Step,5}  loss {m.Loss:F4}  lr {m.LearningRate:E2}  {m.TokensPerSecond,7:N0} tok/s";
+        }
+
+        public void OnEval(EvalResult r) =>
+            AnsiConsole.MarkupLineInterpolated($"[green]step {r.Step}[/]: train loss {r.TrainLoss:F4}, val loss [bold]{r.ValLoss:F4}[/] (perplexity {r.ValPerplexity:F2})");
+    }
+}

@@ -1,0 +1,119 @@
+using System.CommandLine;
+using System.Diagnostics;
+using Distributed.Cluster.Config;
+using Distributed.Core;
+using Distributed.Training;
+using Distributed.Training.Checkpoints;
+using Microsoft.Extensions.Logging;
+
+namespace Distributed.Cli;
+
+static class TrainCommand
+{
+    public static Command Create()
+    {
+        var config = new Option<string>("--config") { Description = "job file (HOCON)", DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
+        var set = new Option<string[]>("--set") { Description = "override a config key: --set train.max-iters=500", AllowMultipleArgumentsPerToken = false };
+        var resume = new Option<string?>("--resume")
+        {
+            Description = "continue from the newest valid checkpoint of the run directory (or of the given run directory or checkpoint file)",
+            Arity = ArgumentArity.ZeroOrOne,
+        };
+        var overwrite = new Option<bool>("--overwrite") { Description = "start over in a run directory that already holds checkpoints (deletes them)" };
+        var stopAt = new Option<long?>("--stop-at") { Description = "stop after this step (writing a checkpoint), as if preempted" };
+
+        var command = new Command("train", "train a model") { config, set, resume, overwrite, stopAt };
+        command.SetAction((parse, cancellationToken) =>
+        {
+            var spec = JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
+            bool resuming = parse.GetResult(resume) is not null;
+            return Task.FromResult(Run(spec, resuming, parse.GetValue(resume), parse.GetValue(overwrite), parse.GetValue(stopAt), cancellationToken));
+        });
+        return command;
+    }
+
+    static int Run(JobSpec spec, bool resuming, string? resumePath, bool overwrite, long? stopAt, CancellationToken cancellationToken)
+    {
+        using var loggerFactory = Logging.CreateFactory();
+        var logger = loggerFactory.CreateLogger("dtrain");
+        string checkpoints = Path.Combine(spec.RunDir, "checkpoints");
+        string? from = null;
+        if (resuming)
+        {
+            from = ResolveResume(resumePath ?? spec.RunDir, logger);
+        }
+        else if (CheckpointFiles.List(checkpoints).Count > 0)
+        {
+            if (!overwrite)
+                throw new UserFacingException(
+                    $"run directory '{spec.RunDir}' already holds checkpoints: pass --resume to continue it, --overwrite to start over, or --set run.dir=...");
+            Directory.Delete(spec.RunDir, recursive: true);
+        }
+        if (from is null && Directory.Exists(spec.RunDir))
+        {
+            File.Delete(Path.Combine(spec.RunDir, "metrics.jsonl"));
+            File.Delete(Path.Combine(spec.RunDir, "eval.jsonl"));
+        }
+
+        using var trainer = new Trainer(spec, logger, from);
+        logger.LogInformation("{Name}: {Params:N0} parameters, vocabulary {Vocab}, {Threads} threads, run directory {Dir}",
+            spec.Name, trainer.Model.parameters().Sum(p => p.numel()), trainer.Tokenizer.Size,
+            TorchSharp.torch.get_num_threads(), spec.RunDir);
+
+        var clock = Stopwatch.StartNew();
+        long startStep = trainer.Step;
+        EvalResult? result = Logging.Interactive
+            ? ProgressDisplay.RunLive(trainer, stopAt, cancellationToken)
+            : trainer.Run(new LogLineObserver(logger, spec.Train.LogInterval), stopAt, cancellationToken);
+
+        double seconds = clock.Elapsed.TotalSeconds;
+        long steps = trainer.Step - startStep;
+        double tokensPerSecond = steps * spec.Train.BatchSize * spec.Model.BlockSize / Math.Max(seconds, 1e-9);
+        if (result is not null)
+            Console.WriteLine($"step {result.Step}: train loss {result.TrainLoss:F4}, val loss {result.ValLoss:F4} (perplexity {result.ValPerplexity:F2})");
+        Console.WriteLine($"{steps} steps in {seconds:F1} s, {tokensPerSecond:N0} tokens/s (including evaluation and checkpoints)");
+        Console.WriteLine($"metrics: {Path.Combine(spec.RunDir, "metrics.jsonl")}; checkpoints: {checkpoints}");
+        return 0;
+    }
+
+    /// <summary>A run directory, a checkpoints directory or a checkpoint file: the newest checkpoint that verifies.</summary>
+    static string ResolveResume(string target, ILogger logger)
+    {
+        if (File.Exists(target)) return target;
+        foreach (var dir in new[] { Path.Combine(target, "checkpoints"), target })
+        {
+            if (CheckpointFiles.List(dir).Count == 0) continue;
+            return CheckpointFiles.FindNewestValid(dir, logger)
+                ?? throw new CheckpointException($"no checkpoint in '{dir}' verifies against its recorded SHA-256");
+        }
+        throw new CheckpointException($"no checkpoint to resume from in '{target}'");
+    }
+}
+
+/// <summary>Plain log lines for CI and redirected output.</summary>
+sealed class LogLineObserver(ILogger logger, int logInterval) : ITrainingObserver
+{
+    readonly Stopwatch _clock = new();
+    long _first, _last;
+
+    public void OnStart(long firstStep, long lastStep)
+    {
+        (_first, _last) = (firstStep, lastStep);
+        _clock.Start();
+        logger.LogInformation("Training steps {First}..{Last}", firstStep + 1, lastStep);
+    }
+
+    public void OnStep(StepMetrics m)
+    {
+        if (m.Step % logInterval != 0 && m.Step != _last) return;
+        double perStep = _clock.Elapsed.TotalSeconds / Math.Max(1, m.Step - _first);
+        var left = TimeSpan.FromSeconds(perStep * (_last - m.Step));
+        logger.LogInformation("step {Step}/{Last} loss {Loss:F4} lr {Lr:E2} grad-norm {Norm:F3} {Tps:N0} tok/s {Ms:F1} ms/step, {Left:mm\\:ss} left",
+            m.Step, _last, m.Loss, m.LearningRate, m.GradNorm, m.TokensPerSecond, m.StepMs, left);
+    }
+
+    public void OnEval(EvalResult r) =>
+        logger.LogInformation("eval at step {Step}: train loss {Train:F4}, val loss {Val:F4}, val perplexity {Ppl:F2}", r.Step, r.TrainLoss, r.ValLoss, r.ValPerplexity);
+
+    public void OnCheckpoint(long step, string path) => logger.LogInformation("checkpoint {Path}", path);
+}

@@ -1,0 +1,44 @@
+namespace Distributed.Core;
+
+/// <summary>The GPT's shape (nanoGPT's GPTConfig). VocabSize comes from the corpus, not from the config.</summary>
+public sealed record ModelSpec(int Layers, int Heads, int Embedding, int BlockSize, double Dropout, bool Bias);
+
+/// <summary>AdamW and its learning-rate schedule: linear warm-up, then cosine decay to MinLearningRate.</summary>
+public sealed record OptimizerSpec(
+    double LearningRate, double MinLearningRate, int WarmupIters, int DecayIters,
+    double Beta1, double Beta2, double Eps, double WeightDecay, double GradClip);
+
+/// <summary>
+/// The loop. BatchSize is the global batch of one optimizer step (all data-parallel ranks and all
+/// accumulation micro-steps together), so changing dp or GradAccum never changes what is learned.
+/// </summary>
+public sealed record TrainSpec(int BatchSize, int GradAccum, int MaxIters, int EvalInterval, int EvalIters, int LogInterval);
+
+public sealed record DataSpec(string Path, double TrainFraction);
+
+public sealed record CheckpointSpec(int Every, int Keep);
+
+/// <summary>Everything that defines one training job. Built from HOCON by the config loader.</summary>
+public sealed record JobSpec(
+    string Name, string RunDir, long Seed, int Threads,
+    DataSpec Data, ModelSpec Model, OptimizerSpec Optimizer, TrainSpec Train, CheckpointSpec Checkpoint)
+{
+    /// <summary>Checks the relations between keys that one key alone cannot check.</summary>
+    public void Validate()
+    {
+        if (Model.Embedding % Model.Heads != 0)
+            throw new ConfigException($"config key 'model.n-embd' ({Model.Embedding}) must be divisible by 'model.n-head' ({Model.Heads})");
+        if (Train.BatchSize % Train.GradAccum != 0)
+            throw new ConfigException($"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by 'train.grad-accum' ({Train.GradAccum})");
+        if (Optimizer.MinLearningRate > Optimizer.LearningRate)
+            throw new ConfigException($"config key 'optimizer.min-lr' ({Optimizer.MinLearningRate}) must not exceed 'optimizer.learning-rate' ({Optimizer.LearningRate})");
+    }
+
+    /// <summary>Checks that the global batch splits evenly over data-parallel ranks and accumulation steps.</summary>
+    public void ValidateDataParallel(int dataParallelSize)
+    {
+        if (Train.BatchSize % (dataParallelSize * Train.GradAccum) != 0)
+            throw new ConfigException(
+                $"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by data-parallel size x 'train.grad-accum' ({dataParallelSize} x {Train.GradAccum})");
+    }
+}

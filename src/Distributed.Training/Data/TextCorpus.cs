@@ -1,0 +1,37 @@
+using Distributed.Core;
+
+namespace Distributed.Training.Data;
+
+/// <summary>A tokenized corpus split into a training part and a validation part (nanoGPT's 90/10 split).</summary>
+public sealed class TextCorpus
+{
+    TextCorpus(CharTokenizer tokenizer, int[] train, int[] validation)
+    {
+        Tokenizer = tokenizer;
+        Train = train;
+        Validation = validation;
+    }
+
+    public CharTokenizer Tokenizer { get; }
+    public int[] Train { get; }
+    public int[] Validation { get; }
+
+    /// <summary>
+    /// Loads the corpus. With a tokenizer from a checkpoint, the text must fit it; without one, the vocabulary
+    /// is built from the text.
+    /// </summary>
+    public static TextCorpus Load(DataSpec spec, int blockSize, CharTokenizer? tokenizer = null)
+    {
+        if (!File.Exists(spec.Path))
+            throw new UserFacingException($"data file '{spec.Path}' does not exist (config key 'data.path')");
+        string text = File.ReadAllText(spec.Path);
+        tokenizer ??= CharTokenizer.FromCorpus(text);
+        int[] ids = tokenizer.Encode(text);
+        int split = (int)(ids.Length * spec.TrainFraction);
+        var corpus = new TextCorpus(tokenizer, ids[..split], ids[split..]);
+        if (corpus.Train.Length <= blockSize + 1 || corpus.Validation.Length <= blockSize + 1)
+            throw new UserFacingException(
+                $"data file '{spec.Path}' is too short: each split needs more than block-size + 1 = {blockSize + 1} characters");
+        return corpus;
+    }
+}
