@@ -121,7 +121,9 @@ public sealed class Gpt : Module<Tensor, Tensor>
             if (isLayerNorm) continue;
             if (!isWeight) { p.zero_(); continue; }
             double std = name.EndsWith("c_proj.weight", StringComparison.Ordinal) ? residualStd : 0.02;
-            init.normal_(p, 0.0, std, generator);
+            // Drawn with randn from our own generator: init.normal_ ignores the generator in TorchSharp 0.107.
+            using var draw = randn(p.shape, generator: generator);
+            p.copy_(draw.mul_(std));
         }
     }
 
