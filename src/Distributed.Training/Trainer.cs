@@ -24,7 +24,7 @@ public sealed class Trainer : IDisposable
     readonly JobSpec _spec;
     readonly ILogger _logger;
     readonly TextCorpus _corpus;
-    readonly BatchSampler _trainSampler, _valSampler;
+    readonly BatchSampler _trainSampler, _trainEvalSampler, _valSampler;
     readonly AdamW _optimizer;
 
     public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null)
@@ -39,6 +39,8 @@ public sealed class Trainer : IDisposable
             var tokenizer = checkpoint is null ? null : new CharTokenizer(checkpoint.Require("vocab"));
             _corpus = TextCorpus.Load(spec.Data, spec.Model.BlockSize, tokenizer);
             _trainSampler = new BatchSampler(_corpus.Train, spec.Model.BlockSize, spec.Seed, Seeds.TrainStream);
+            // Evaluation draws its own windows: not the ones training steps 0..eval-iters saw.
+            _trainEvalSampler = new BatchSampler(_corpus.Train, spec.Model.BlockSize, spec.Seed, Seeds.EvalStream);
             _valSampler = new BatchSampler(_corpus.Validation, spec.Model.BlockSize, spec.Seed, Seeds.ValidationStream);
             Model = new Gpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed);
             _optimizer = new AdamW(Model.named_parameters(), spec.Optimizer);
@@ -148,7 +150,7 @@ public sealed class Trainer : IDisposable
             }
             return sum / _spec.Train.EvalIters;
         }
-        var result = new EvalResult(Step, Mean(_trainSampler), Mean(_valSampler));
+        var result = new EvalResult(Step, Mean(_trainEvalSampler), Mean(_valSampler));
         Model.train();
         return result;
     }

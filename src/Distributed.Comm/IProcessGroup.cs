@@ -1,0 +1,37 @@
+namespace Distributed.Comm;
+
+public enum ReduceOp { Sum, Mean }
+
+/// <summary>
+/// Collectives among a set of ranks (the whole world or a subgroup: tensor-, data- or pipeline-parallel).
+/// Every member calls the same collectives in the same order. Every call has a deadline per received chunk
+/// (<see cref="CollectiveOptions.Timeout"/>) and a cancellation token; a dead peer fails the call with a
+/// <see cref="PeerFailedException"/> naming its rank.
+/// </summary>
+public interface IProcessGroup
+{
+    /// <summary>This process's index within the group.</summary>
+    int Rank { get; }
+    int Size { get; }
+
+    Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default);
+    Task BroadcastAsync(Memory<byte> data, int root, CancellationToken cancellationToken = default);
+    /// <summary>Concatenates every member's <paramref name="mine"/> (equal lengths) in rank order into <paramref name="all"/>.</summary>
+    Task AllGatherAsync(ReadOnlyMemory<float> mine, Memory<float> all, CancellationToken cancellationToken = default);
+    /// <summary>Reduces <paramref name="input"/> over members; member r receives segment r (see <see cref="ProcessGroup.Segment"/>).</summary>
+    Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken cancellationToken = default);
+    Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default);
+    Task ReceiveAsync(int source, Memory<byte> data, CancellationToken cancellationToken = default);
+    Task BarrierAsync(CancellationToken cancellationToken = default);
+}
+
+public sealed record CollectiveOptions
+{
+    /// <summary>Bytes per chunk: large enough to amortise per-message cost, small enough to pipeline.</summary>
+    public int ChunkBytes { get; init; } = 1 << 20;
+
+    /// <summary>How long a receive waits for one chunk before declaring its sender failed.</summary>
+    public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    public Kernels.IReductionKernels Kernels { get; init; } = Comm.Kernels.ReductionKernels.Default;
+}

@@ -1,0 +1,171 @@
+using System.Net.Sockets;
+using Distributed.Comm.Protos;
+using Grpc.Core;
+using Grpc.Net.Client;
+
+namespace Distributed.Comm;
+
+/// <summary>
+/// This worker's outgoing connections for one generation: one long-lived gRPC Exchange stream per peer, or one
+/// raw-TCP socket per peer whose port a gRPC Hello negotiated. Writes to one peer are serialised; a failed write
+/// is an error naming the peer's rank.
+/// </summary>
+public sealed class PeerLinks : IAsyncDisposable
+{
+    readonly DataPlaneNode _node;
+    readonly IReadOnlyList<string> _endpoints;
+    readonly TransportKind _transport;
+    readonly Link?[] _links;
+    readonly SemaphoreSlim[] _locks;
+    readonly CancellationTokenSource _closing = new();
+    bool _disposed;
+
+    abstract class Link : IAsyncDisposable
+    {
+        public abstract Task WriteAsync(ChunkHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken);
+        public abstract ValueTask DisposeAsync();
+    }
+
+    sealed class GrpcLink(GrpcChannel channel, AsyncClientStreamingCall<TensorChunk, ExchangeSummary> call) : Link
+    {
+        public override Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken) =>
+            call.RequestStream.WriteAsync(new TensorChunk
+            {
+                Generation = h.Generation, SourceRank = h.SourceRank, Group = h.Group, OpId = h.OpId, Seq = h.Seq, Offset = h.Offset,
+                Payload = ByteStrings.Wrap(payload),
+            }, cancellationToken);
+
+        public override async ValueTask DisposeAsync()
+        {
+            try
+            {
+                using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+                await call.RequestStream.CompleteAsync().WaitAsync(quick.Token).ConfigureAwait(false);
+            }
+            catch (Exception) { }
+            call.Dispose();
+            channel.Dispose();
+        }
+    }
+
+    sealed class TcpLink(GrpcChannel channel, Socket socket) : Link
+    {
+        readonly byte[] _header = new byte[DataPlaneNode.BulkHeaderBytes];
+
+        public override async Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
+        {
+            DataPlaneNode.WriteHeader(_header, h, payload.Length);
+            await socket.SendAsync(_header, SocketFlags.None, cancellationToken).ConfigureAwait(false);
+            while (payload.Length > 0)
+            {
+                int sent = await socket.SendAsync(payload, SocketFlags.None, cancellationToken).ConfigureAwait(false);
+                payload = payload[sent..];
+            }
+        }
+
+        public override ValueTask DisposeAsync()
+        {
+            socket.Dispose();
+            channel.Dispose();
+            return ValueTask.CompletedTask;
+        }
+    }
+
+    public PeerLinks(DataPlaneNode node, long generation, IReadOnlyList<string> endpoints, TransportKind transport)
+    {
+        _node = node;
+        Generation = generation;
+        _endpoints = endpoints;
+        _transport = transport;
+        _links = new Link?[endpoints.Count];
+        _locks = endpoints.Select(_ => new SemaphoreSlim(1, 1)).ToArray();
+    }
+
+    public long Generation { get; }
+    public int Rank => _node.Rank;
+    public int WorldSize => _endpoints.Count;
+    public TransportKind Transport => _transport;
+    public Mailbox Mailbox => _node.Mailbox;
+    public string EndpointOf(int rank) => _endpoints[rank];
+
+    public async Task SendAsync(int destination, ChunkHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
+    {
+        var gate = _locks[destination];
+        await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            var link = _links[destination] ??= await ConnectAsync(destination, cancellationToken).ConfigureAwait(false);
+            await link.WriteAsync(header, payload, cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not PeerFailedException && !cancellationToken.IsCancellationRequested)
+        {
+            throw new PeerFailedException(destination, $"cannot send to rank {destination} at {_endpoints[destination]}: {Describe(e)}", e);
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    async Task<Link> ConnectAsync(int destination, CancellationToken cancellationToken)
+    {
+        var channel = GrpcChannel.ForAddress(_endpoints[destination], new GrpcChannelOptions
+        {
+            HttpHandler = new SocketsHttpHandler
+            {
+                InitialHttp2StreamWindowSize = 16 << 20,
+                EnableMultipleHttp2Connections = true,
+                ConnectTimeout = TimeSpan.FromSeconds(5),
+                KeepAlivePingDelay = TimeSpan.FromSeconds(5),
+                KeepAlivePingTimeout = TimeSpan.FromSeconds(5),
+            },
+            MaxSendMessageSize = DataPlaneNode.MaxMessageBytes,
+            MaxReceiveMessageSize = DataPlaneNode.MaxMessageBytes,
+        });
+        try
+        {
+            var client = new DataPlane.DataPlaneClient(channel);
+            if (_transport == TransportKind.Grpc)
+            {
+                var call = client.Exchange(cancellationToken: _closing.Token);
+                // The receiver answers only when it rejects the stream (e.g. another generation): surface that at once
+                // to whoever waits on this peer, instead of letting them run into a deadline.
+                _ = call.ResponseAsync.ContinueWith(t =>
+                {
+                    if (t.Exception?.InnerException is RpcException { StatusCode: StatusCode.FailedPrecondition } rejected)
+                        _node.Mailbox.FailPeer(destination, new PeerFailedException(destination,
+                            $"rank {destination} rejected our traffic: {rejected.Status.Detail}", rejected));
+                }, TaskScheduler.Default);
+                return new GrpcLink(channel, call);
+            }
+
+            var hello = await client.HelloAsync(new HelloRequest { Generation = Generation, SourceRank = Rank },
+                deadline: DateTime.UtcNow.AddSeconds(10), cancellationToken: cancellationToken).ConfigureAwait(false);
+            if (hello.BulkPort == 0) throw new InvalidOperationException($"rank {destination} offers no TCP bulk path");
+            var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true, SendBufferSize = 4 << 20 };
+            await socket.ConnectAsync(new Uri(_endpoints[destination]).Host, hello.BulkPort, cancellationToken).ConfigureAwait(false);
+            return new TcpLink(channel, socket);
+        }
+        catch
+        {
+            channel.Dispose();
+            throw;
+        }
+    }
+
+    static string Describe(Exception e) => e switch
+    {
+        RpcException rpc => $"{rpc.StatusCode}: {rpc.Status.Detail}",
+        _ => e.InnerException is { } inner ? $"{e.Message} ({inner.Message})" : e.Message,
+    };
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        foreach (var link in _links)
+            if (link is not null) await link.DisposeAsync().ConfigureAwait(false);
+        _closing.Cancel();
+        _closing.Dispose();
+    }
+}

@@ -1,0 +1,290 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+using System.Text;
+
+namespace Distributed.Comm;
+
+/// <summary>
+/// Ring collectives over <see cref="PeerLinks"/>. All-reduce is reduce-scatter then all-gather (each rank sends
+/// 2(n-1)/n of the buffer), cut into chunks that are pipelined: chunk c of ring step t+1 goes out as soon as chunk c
+/// of step t has arrived and been reduced, so sending, receiving and reducing overlap.
+/// </summary>
+public sealed class ProcessGroup : IProcessGroup
+{
+    internal const long AbortOpId = -1;
+
+    readonly PeerLinks _links;
+    readonly int[] _members;   // global ranks, in group-rank order
+    readonly int _group;
+    readonly CollectiveOptions _options;
+    long _nextOp;
+    readonly Dictionary<int, long> _sendCount = new(), _receiveCount = new();
+
+    public ProcessGroup(PeerLinks links, int groupId, IReadOnlyList<int> members, CollectiveOptions? options = null)
+    {
+        _links = links;
+        _members = members.ToArray();
+        _group = groupId;
+        _options = options ?? new CollectiveOptions();
+        Rank = Array.IndexOf(_members, links.Rank);
+        if (Rank < 0) throw new ArgumentException($"rank {links.Rank} is not a member of group {groupId} ({string.Join(",", members)})");
+    }
+
+    public int Rank { get; }
+    public int Size => _members.Length;
+
+    /// <summary>Element range [start, start+length) of segment <paramref name="index"/> when <paramref name="total"/> splits over <paramref name="parts"/>.</summary>
+    public static (int Start, int Length) Segment(int total, int parts, int index)
+    {
+        int baseLength = total / parts, extra = total % parts;
+        int start = index * baseLength + Math.Min(index, extra);
+        return (start, baseLength + (index < extra ? 1 : 0));
+    }
+
+    public Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default)
+    {
+        int n = Size;
+        var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
+        var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n, Rank)).ToList();
+        return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken);
+    }
+
+    public async Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken cancellationToken = default)
+    {
+        int n = Size;
+        var segments = Enumerable.Range(0, n).Select(i => Segment(input.Length, n, i)).ToArray();
+        if (output.Length != segments[Rank].Length)
+            throw new ArgumentException($"reduce-scatter output has {output.Length} elements, rank {Rank}'s segment has {segments[Rank].Length}");
+        var work = input.ToArray();   // the ring reduces in place; the caller's input stays as it was
+        await RunRing("reduce-scatter", work, segments, ReduceScatterSteps(n).ToList(), op == ReduceOp.Mean ? n - 2 : -1, cancellationToken).ConfigureAwait(false);
+        work.AsMemory(segments[Rank].Start, segments[Rank].Length).CopyTo(output);
+    }
+
+    public Task AllGatherAsync(ReadOnlyMemory<float> mine, Memory<float> all, CancellationToken cancellationToken = default)
+    {
+        int n = Size;
+        if (all.Length != mine.Length * n)
+            throw new ArgumentException($"all-gather output has {all.Length} elements, expected {n} x {mine.Length}");
+        var segments = Enumerable.Range(0, n).Select(i => (i * mine.Length, mine.Length)).ToArray();
+        mine.CopyTo(all[(Rank * mine.Length)..]);
+        return RunRing("all-gather", all, segments, AllGatherSteps(n, Rank, ownSegment: Rank).ToList(), -1, cancellationToken);
+    }
+
+    public async Task BroadcastAsync(Memory<byte> data, int root, CancellationToken cancellationToken = default)
+    {
+        long op = _nextOp++;
+        int chunk = _options.ChunkBytes;
+        int chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
+        try
+        {
+            if (Rank == root)
+            {
+                var sends = Enumerable.Range(0, Size).Where(r => r != root).Select(async r =>
+                {
+                    for (int c = 0; c < chunks; c++)
+                    {
+                        int start = c * chunk, length = Math.Min(chunk, data.Length - start);
+                        await _links.SendAsync(_members[r], Header(op, c, start), data.Slice(start, length), cancellationToken).ConfigureAwait(false);
+                    }
+                });
+                await Task.WhenAll(sends).ConfigureAwait(false);
+            }
+            else
+            {
+                for (int c = 0; c < chunks; c++)
+                {
+                    using var received = await Receive(root, op, c, cancellationToken).ConfigureAwait(false);
+                    received.Payload.Span.CopyTo(data.Span[(c * chunk)..]);
+                }
+            }
+        }
+        catch (PeerFailedException e)
+        {
+            await ReportFailureAsync(e).ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    public Task BarrierAsync(CancellationToken cancellationToken = default) =>
+        AllReduceAsync(new float[Math.Max(1, Size)], ReduceOp.Sum, cancellationToken);
+
+    /// <summary>Point to point; ops are numbered per (sender, receiver) pair so other members need not take part.</summary>
+    public async Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+    {
+        long op = -2 - Next(_sendCount, destination);
+        int chunk = _options.ChunkBytes, chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
+        for (int c = 0; c < chunks; c++)
+        {
+            int start = c * chunk, length = Math.Min(chunk, data.Length - start);
+            await _links.SendAsync(_members[destination], Header(op, c, start), data.Slice(start, length), cancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    public async Task ReceiveAsync(int source, Memory<byte> data, CancellationToken cancellationToken = default)
+    {
+        long op = -2 - Next(_receiveCount, source);
+        int chunk = _options.ChunkBytes, chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
+        for (int c = 0; c < chunks; c++)
+        {
+            using var received = await Receive(source, op, c, cancellationToken).ConfigureAwait(false);
+            if (received.Payload.Length != Math.Min(chunk, data.Length - c * chunk))
+                throw new InvalidDataException($"rank {source} sent {received.Payload.Length} bytes in chunk {c}; the receive expects a buffer of {data.Length}");
+            received.Payload.Span.CopyTo(data.Span[(c * chunk)..]);
+        }
+    }
+
+    static long Next(Dictionary<int, long> counters, int peer)
+    {
+        lock (counters)
+        {
+            counters.TryGetValue(peer, out long value);
+            counters[peer] = value + 1;
+            return value;
+        }
+    }
+
+    /// <summary>One ring step: send segment Send to the right neighbour, receive segment Receive from the left.</summary>
+    readonly record struct RingStep(int Send, int Receive, bool Reduce);
+
+    // Reduce-scatter that leaves member r holding the reduced segment r.
+    IEnumerable<RingStep> ReduceScatterSteps(int n)
+    {
+        for (int t = 0; t < n - 1; t++)
+            yield return new RingStep(Mod(Rank - t - 1, n), Mod(Rank - t - 2, n), Reduce: true);
+    }
+
+    // All-gather starting from member r holding segment ownSegment (= r).
+    IEnumerable<RingStep> AllGatherSteps(int n, int rank, int? ownSegment = null)
+    {
+        int own = ownSegment ?? rank;
+        for (int t = 0; t < n - 1; t++)
+            yield return new RingStep(Mod(own - t, n), Mod(own - t - 1, n), Reduce: false);
+    }
+
+    static int Mod(int a, int n) => ((a % n) + n) % n;
+
+    /// <summary>
+    /// Runs ring steps with chunk pipelining. Step t+1 always sends the segment step t received, so the sender may
+    /// send chunk c of step t+1 once the receiver has finished chunk c of step t: one credit per finished chunk.
+    /// </summary>
+    async Task RunRing(string name, Memory<float> data, (int Start, int Length)[] segments, List<RingStep> steps, int scaleAfterStep, CancellationToken cancellationToken)
+    {
+        long op = _nextOp++;
+        int n = Size;
+        if (n == 1 || data.Length == 0) return;
+        int right = _members[Mod(Rank + 1, n)], left = Mod(Rank - 1, n);
+        int chunkFloats = Math.Max(1, _options.ChunkBytes / sizeof(float));
+        int maxChunks = segments.Max(s => (s.Length + chunkFloats - 1) / chunkFloats);
+        int ChunksOf(int segment) => (segments[segment].Length + chunkFloats - 1) / chunkFloats;
+        (int Start, int Length) ChunkOf(int segment, int c)
+        {
+            int start = segments[segment].Start + c * chunkFloats;
+            return (start, Math.Min(chunkFloats, segments[segment].Start + segments[segment].Length - start));
+        }
+
+        using var credits = new SemaphoreSlim(0);
+        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        var kernels = _options.Kernels;
+        float scale = 1f / n;
+
+        async Task SendLoop()
+        {
+            for (int t = 0; t < steps.Count; t++)
+            {
+                int segment = steps[t].Send;
+                for (int c = 0; c < ChunksOf(segment); c++)
+                {
+                    if (t > 0) await credits.WaitAsync(failed.Token).ConfigureAwait(false);
+                    var (start, length) = ChunkOf(segment, c);
+                    var bytes = AsBytes(data.Slice(start, length));
+                    await _links.SendAsync(right, Header(op, t * maxChunks + c, start * sizeof(float)), bytes, failed.Token).ConfigureAwait(false);
+                }
+            }
+        }
+
+        async Task ReceiveLoop()
+        {
+            for (int t = 0; t < steps.Count; t++)
+            {
+                int segment = steps[t].Receive;
+                for (int c = 0; c < ChunksOf(segment); c++)
+                {
+                    var (start, length) = ChunkOf(segment, c);
+                    using (var chunk = await Receive(left, op, t * maxChunks + c, failed.Token).ConfigureAwait(false))
+                    {
+                        if (chunk.Payload.Length != length * sizeof(float))
+                            throw new InvalidDataException($"{name}: rank {left} sent {chunk.Payload.Length} bytes for a chunk of {length * sizeof(float)}; do all ranks pass buffers of the same size?");
+                        var incoming = MemoryMarshal.Cast<byte, float>(chunk.Payload.Span);
+                        var target = data.Span.Slice(start, length);
+                        if (steps[t].Reduce) kernels.Accumulate(target, incoming);
+                        else incoming.CopyTo(target);
+                        if (t == scaleAfterStep) kernels.Scale(target, scale);
+                    }
+                    if (t + 1 < steps.Count) credits.Release();
+                }
+            }
+        }
+
+        var sending = SendLoop();
+        var receiving = ReceiveLoop();
+        try
+        {
+            await Task.WhenAll(Guard(sending), Guard(receiving)).ConfigureAwait(false);
+        }
+        catch (PeerFailedException e)
+        {
+            await ReportFailureAsync(e).ConfigureAwait(false);
+            throw;
+        }
+
+        async Task Guard(Task task)
+        {
+            try { await task.ConfigureAwait(false); }
+            catch { failed.Cancel(); throw; }   // one side failing stops the other at once
+        }
+    }
+
+    ValueTask<ReceivedChunk> Receive(int sourceMember, long op, int seq, CancellationToken cancellationToken) =>
+        _links.Mailbox.ReceiveAsync(_members[sourceMember], _group, op, seq, _options.Timeout, cancellationToken);
+
+    ChunkHeader Header(long op, int seq, long offset) => new(_links.Generation, _links.Rank, _group, op, seq, offset);
+
+    /// <summary>Tells the other members which rank failed, so they fail now instead of at their deadline.</summary>
+    async Task ReportFailureAsync(PeerFailedException failure)
+    {
+        var reason = Encoding.UTF8.GetBytes(failure.Message);
+        var payload = new byte[4 + reason.Length];
+        BinaryPrimitives.WriteInt32LittleEndian(payload, failure.Rank);
+        reason.CopyTo(payload, 4);
+        using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+        var notices = _members.Where(m => m != _links.Rank && m != failure.Rank).Select(async m =>
+        {
+            try { await _links.SendAsync(m, Header(AbortOpId, 0, 0), payload, quick.Token).ConfigureAwait(false); }
+            catch (Exception) { }   // best effort: that peer may be gone too
+        });
+        await Task.WhenAll(notices).ConfigureAwait(false);
+    }
+
+    static ReadOnlyMemory<byte> AsBytes(Memory<float> floats) =>
+        MemoryMarshal.TryGetArray<float>(floats, out var segment)
+            ? new FloatBytes(segment.Array!, segment.Offset, segment.Count).Memory
+            : MemoryMarshal.AsBytes(floats.Span).ToArray();
+
+    /// <summary>A byte view of part of a float array, without copying, for zero-copy sends.</summary>
+    sealed class FloatBytes(float[] array, int offset, int count) : MemoryManager<byte>
+    {
+        public override Span<byte> GetSpan() => MemoryMarshal.AsBytes(array.AsSpan(offset, count));
+
+        public override unsafe MemoryHandle Pin(int elementIndex = 0)
+        {
+            var handle = GCHandle.Alloc(array, GCHandleType.Pinned);   // freed when the MemoryHandle is disposed
+            byte* start = (byte*)handle.AddrOfPinnedObject() + (long)offset * sizeof(float) + elementIndex;
+            return new MemoryHandle(start, handle);
+        }
+
+        public override void Unpin() { }
+
+        protected override void Dispose(bool disposing) { }
+    }
+}
