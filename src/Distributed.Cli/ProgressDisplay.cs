@@ -1,4 +1,6 @@
+using Distributed.Core;
 using Distributed.Training;
+using Microsoft.Extensions.Logging;
 using Spectre.Console;
 
 namespace Distributed.Cli;
@@ -6,9 +8,13 @@ namespace Distributed.Cli;
 /// <summary>A live progress bar for a terminal: step, loss, learning rate, tokens/s and time left.</summary>
 static class ProgressDisplay
 {
-    public static EvalResult? RunLive(Trainer trainer, long? stopAt, CancellationToken cancellationToken)
+    /// <summary>Runs <paramref name="body"/> with a live display on a terminal, plain log lines otherwise.</summary>
+    public static T Run<T>(JobSpec spec, ILogger logger, Func<ITrainingObserver, T> body) =>
+        Logging.Interactive ? RunLive(body) : body(new LogLineObserver(logger, spec.Train.LogInterval));
+
+    static T RunLive<T>(Func<ITrainingObserver, T> body)
     {
-        EvalResult? result = null;
+        T result = default!;
         AnsiConsole.Progress()
             .AutoClear(false)
             .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(),
@@ -16,7 +22,7 @@ static class ProgressDisplay
             .Start(context =>
             {
                 var task = context.AddTask("starting");
-                result = trainer.Run(new Observer(task), stopAt, cancellationToken);
+                result = body(new Observer(task));
             });
         return result;
     }

@@ -20,19 +20,26 @@ static class TrainCommand
             Arity = ArgumentArity.ZeroOrOne,
         };
         var overwrite = new Option<bool>("--overwrite") { Description = "start over in a run directory that already holds checkpoints (deletes them)" };
-        var stopAt = new Option<long?>("--stop-at") { Description = "stop after this step (writing a checkpoint), as if preempted" };
+        var stopAt = new Option<long?>("--stop-at") { Description = "stop after this step (writing a checkpoint), as if preempted (single process)" };
+        var workers = new Option<int?>("--workers")
+        {
+            Description = "worker processes on loopback (default: cluster.workers); 0 trains in this process without a cluster",
+        };
 
-        var command = new Command("train", "train a model") { config, set, resume, overwrite, stopAt };
+        var command = new Command("train", "train a model") { config, set, resume, overwrite, stopAt, workers };
         command.SetAction((parse, cancellationToken) =>
         {
             var spec = JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
             bool resuming = parse.GetResult(resume) is not null;
-            return Task.FromResult(Run(spec, resuming, parse.GetValue(resume), parse.GetValue(overwrite), parse.GetValue(stopAt), cancellationToken));
+            int workerCount = parse.GetValue(workers) ?? spec.Cluster.Workers;
+            if (workerCount < 0) throw new UserFacingException($"--workers must be 0 or more, got {workerCount}");
+            if (workerCount > 0 && parse.GetValue(stopAt) is not null) throw new UserFacingException("--stop-at needs --workers 0 (single process) for now");
+            return RunAsync(spec, workerCount, resuming, parse.GetValue(resume), parse.GetValue(overwrite), parse.GetValue(stopAt), cancellationToken);
         });
         return command;
     }
 
-    static int Run(JobSpec spec, bool resuming, string? resumePath, bool overwrite, long? stopAt, CancellationToken cancellationToken)
+    static async Task<int> RunAsync(JobSpec spec, int workers, bool resuming, string? resumePath, bool overwrite, long? stopAt, CancellationToken cancellationToken)
     {
         using var loggerFactory = Logging.CreateFactory();
         var logger = loggerFactory.CreateLogger("dtrain");
@@ -55,19 +62,29 @@ static class TrainCommand
             File.Delete(Path.Combine(spec.RunDir, "eval.jsonl"));
         }
 
-        using var trainer = new Trainer(spec, logger, from);
-        logger.LogInformation("{Name}: {Params:N0} parameters, vocabulary {Vocab}, {Threads} threads, run directory {Dir}",
-            spec.Name, trainer.Model.parameters().Sum(p => p.numel()), trainer.Tokenizer.Size,
-            TorchSharp.torch.get_num_threads(), spec.RunDir);
-
         var clock = Stopwatch.StartNew();
-        long startStep = trainer.Step;
-        EvalResult? result = Logging.Interactive
-            ? ProgressDisplay.RunLive(trainer, stopAt, cancellationToken)
-            : trainer.Run(new LogLineObserver(logger, spec.Train.LogInterval), stopAt, cancellationToken);
+        EvalResult? result;
+        long steps;
+        if (workers == 0)
+        {
+            using var trainer = new Trainer(spec, logger, from);
+            logger.LogInformation("{Name}: {Params:N0} parameters, vocabulary {Vocab}, {Threads} threads, run directory {Dir}",
+                spec.Name, trainer.Model.parameters().Sum(p => p.numel()), trainer.Tokenizer.Size,
+                TorchSharp.torch.get_num_threads(), spec.RunDir);
+            long startStep = trainer.Step;
+            result = ProgressDisplay.Run(spec, logger, observer => trainer.Run(observer, stopAt, cancellationToken));
+            steps = trainer.Step - startStep;
+        }
+        else
+        {
+            spec.ValidateDataParallel(workers);
+            // Workers share this host's cores unless the job says how many threads each takes.
+            if (spec.Threads == 0) spec = spec with { Threads = Math.Max(1, Environment.ProcessorCount / workers) };
+            (result, steps) = ProgressDisplay.Run(spec, logger, observer =>
+                ClusterJob.RunAsync(spec, workers, from, spawnWorkers: true, "127.0.0.1", 0, observer, logger, cancellationToken).GetAwaiter().GetResult());
+        }
 
         double seconds = clock.Elapsed.TotalSeconds;
-        long steps = trainer.Step - startStep;
         double tokensPerSecond = steps * spec.Train.BatchSize * spec.Model.BlockSize / Math.Max(seconds, 1e-9);
         if (result is not null)
             Console.WriteLine($"step {result.Step}: train loss {result.TrainLoss:F4}, val loss {result.ValLoss:F4} (perplexity {result.ValPerplexity:F2})");

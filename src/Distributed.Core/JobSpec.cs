@@ -18,10 +18,17 @@ public sealed record DataSpec(string Path, double TrainFraction);
 
 public sealed record CheckpointSpec(int Every, int Keep);
 
+/// <summary>
+/// How the job spreads over worker processes. Transport picks what carries the bytes of collectives ("tcp": raw
+/// sockets negotiated over gRPC, "grpc": gRPC streams only); BucketMegabytes is the gradient bucket size (PyTorch
+/// DDP's 25 MB default); CollectiveTimeoutSeconds is how long a collective waits for a peer before naming it failed.
+/// </summary>
+public sealed record ClusterSpec(int Workers, string Transport, double BucketMegabytes, double CollectiveTimeoutSeconds);
+
 /// <summary>Everything that defines one training job. Built from HOCON by the config loader.</summary>
 public sealed record JobSpec(
     string Name, string RunDir, long Seed, int Threads,
-    DataSpec Data, ModelSpec Model, OptimizerSpec Optimizer, TrainSpec Train, CheckpointSpec Checkpoint)
+    DataSpec Data, ModelSpec Model, OptimizerSpec Optimizer, TrainSpec Train, CheckpointSpec Checkpoint, ClusterSpec Cluster)
 {
     /// <summary>Checks the relations between keys that one key alone cannot check.</summary>
     public void Validate()
@@ -30,6 +37,8 @@ public sealed record JobSpec(
             throw new ConfigException($"config key 'model.n-embd' ({Model.Embedding}) must be divisible by 'model.n-head' ({Model.Heads})");
         if (Train.BatchSize % Train.GradAccum != 0)
             throw new ConfigException($"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by 'train.grad-accum' ({Train.GradAccum})");
+        if (Cluster.Transport is not ("tcp" or "grpc"))
+            throw new ConfigException($"config key 'cluster.transport' must be tcp or grpc, got '{Cluster.Transport}'");
         if (Optimizer.MinLearningRate > Optimizer.LearningRate)
             throw new ConfigException($"config key 'optimizer.min-lr' ({Optimizer.MinLearningRate}) must not exceed 'optimizer.learning-rate' ({Optimizer.LearningRate})");
     }
@@ -37,6 +46,7 @@ public sealed record JobSpec(
     /// <summary>Checks that the global batch splits evenly over data-parallel ranks and accumulation steps.</summary>
     public void ValidateDataParallel(int dataParallelSize)
     {
+        if (dataParallelSize < 1) throw new ConfigException($"the data-parallel size must be 1 or more, got {dataParallelSize}");
         if (Train.BatchSize % (dataParallelSize * Train.GradAccum) != 0)
             throw new ConfigException(
                 $"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by data-parallel size x 'train.grad-accum' ({dataParallelSize} x {Train.GradAccum})");

@@ -1,6 +1,9 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+using Distributed.Comm;
 using Distributed.Core;
 using Distributed.Model;
 using Distributed.Training.Checkpoints;
@@ -13,9 +16,10 @@ using static TorchSharp.torch;
 namespace Distributed.Training;
 
 /// <summary>
-/// The single-process training loop (nanoGPT's train.py): sample, forward, backward, clip, AdamW, evaluate,
-/// checkpoint. Everything it does is a pure function of the job spec and the step, so a resumed run equals an
-/// uninterrupted one bit for bit.
+/// The training loop (nanoGPT's train.py): sample, forward, backward, clip, AdamW, evaluate, checkpoint. Everything
+/// it does is a pure function of the job spec and the step, so a resumed run equals an uninterrupted one bit for bit.
+/// With a data-parallel group, each rank draws its slice of the global batch, gradients are averaged over the group
+/// in buckets, and every rank then clips by the same norm and takes the same step; rank 0 writes files.
 /// </summary>
 public sealed class Trainer : IDisposable
 {
@@ -26,11 +30,15 @@ public sealed class Trainer : IDisposable
     readonly TextCorpus _corpus;
     readonly BatchSampler _trainSampler, _trainEvalSampler, _valSampler;
     readonly AdamW _optimizer;
+    readonly IProcessGroup? _dataParallel;
+    GradientBuckets? _buckets;
 
-    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null)
+    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, IProcessGroup? dataParallel = null)
     {
         _spec = spec;
         _logger = logger;
+        _dataParallel = dataParallel;
+        spec.ValidateDataParallel(DataParallelSize);
         torch.set_num_threads(spec.Threads > 0 ? spec.Threads : Environment.ProcessorCount);
 
         LoadedCheckpoint? checkpoint = resumeFrom is null ? null : CheckpointFiles.Load(resumeFrom);
@@ -49,6 +57,7 @@ public sealed class Trainer : IDisposable
                 Restore(checkpoint);
                 _logger.LogInformation("Resumed from {Path} at step {Step}", checkpoint.Path, Step);
             }
+            if (_dataParallel is not null) SynchronizeWithRankZero();
         }
         finally
         {
@@ -57,6 +66,11 @@ public sealed class Trainer : IDisposable
     }
 
     public Gpt Model { get; }
+    public int DataParallelRank => _dataParallel?.Rank ?? 0;
+    public int DataParallelSize => _dataParallel?.Size ?? 1;
+
+    /// <summary>The rank that writes metrics and checkpoints.</summary>
+    public bool IsLeader => DataParallelRank == 0;
     public CharTokenizer Tokenizer => _corpus.Tokenizer;
     public AdamW Optimizer => _optimizer;
 
@@ -70,8 +84,8 @@ public sealed class Trainer : IDisposable
     {
         long last = Math.Min(_spec.Train.MaxIters, stopAtStep ?? long.MaxValue);
         Directory.CreateDirectory(_spec.RunDir);
-        using var metrics = new StreamWriter(Path.Combine(_spec.RunDir, "metrics.jsonl"), append: true);
-        using var evals = new StreamWriter(Path.Combine(_spec.RunDir, "eval.jsonl"), append: true);
+        using var metrics = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "metrics.jsonl"), append: true) : StreamWriter.Null;
+        using var evals = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "eval.jsonl"), append: true) : StreamWriter.Null;
         observer.OnStart(Step, last);
         EvalResult? lastEval = null;
         while (Step < last)
@@ -82,6 +96,7 @@ public sealed class Trainer : IDisposable
             {
                 step = m.Step, loss = m.Loss, lr = m.LearningRate, grad_norm = m.GradNorm,
                 tokens_per_s = Math.Round(m.TokensPerSecond, 1), step_ms = Math.Round(m.StepMs, 3),
+                compute_ms = Math.Round(m.ComputeMs, 3), allreduce_ms = Math.Round(m.AllReduceMs, 3), allreduce_bytes = m.AllReduceBytes,
             }));
             observer.OnStep(m);
 
@@ -95,7 +110,7 @@ public sealed class Trainer : IDisposable
                 evals.Flush();
                 observer.OnEval(lastEval);
             }
-            if (Step % _spec.Checkpoint.Every == 0 || Step == last)
+            if (IsLeader && (Step % _spec.Checkpoint.Every == 0 || Step == last))
             {
                 metrics.Flush();
                 string path = SaveCheckpoint();
@@ -105,54 +120,102 @@ public sealed class Trainer : IDisposable
         return lastEval;
     }
 
-    /// <summary>One optimizer step over the whole global batch (accumulating micro-batches).</summary>
+    /// <summary>One optimizer step over the whole global batch (this rank's slice, accumulating micro-batches).</summary>
     public StepMetrics TrainStep()
     {
         var clock = Stopwatch.StartNew();
         using var scope = NewDisposeScope();
         Model.train();
-        // Dropout masks are a pure function of (seed, step), so a resumed run draws the same ones.
-        torch.manual_seed((long)(Seeds.Derive(_spec.Seed, Seeds.DropoutStream, Step) >> 1));
+        // Dropout masks are a pure function of (seed, step, rank), so a resumed run draws the same ones.
+        torch.manual_seed((long)(Seeds.Derive(_spec.Seed, Seeds.DropoutStream, Step, DataParallelRank) >> 1));
         double learningRate = LearningRateSchedule.At(_spec.Optimizer, Step);
         int accum = _spec.Train.GradAccum;
         double loss = 0;
         for (int micro = 0; micro < accum; micro++)
         {
-            var (first, count) = BatchSampler.Slice(_spec.Train.BatchSize, dpRank: 0, dpSize: 1, micro, accum);
+            var (first, count) = BatchSampler.Slice(_spec.Train.BatchSize, DataParallelRank, DataParallelSize, micro, accum);
             var (x, y) = Batch(_trainSampler, Step, first, count);
             var microLoss = Model.Loss(x, y) / accum;
             microLoss.backward();
             loss += microLoss.item<float>();
+        }
+        double computeMs = clock.Elapsed.TotalMilliseconds;
+        double allReduceMs = 0;
+        long allReduceBytes = 0;
+        if (_dataParallel is not null)
+        {
+            _buckets ??= new GradientBuckets(Model.parameters().ToList(), (long)(_spec.Cluster.BucketMegabytes * 1_000_000));
+            var reduceClock = Stopwatch.StartNew();
+            loss = _buckets.AllReduceMean(_dataParallel, loss, TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds));
+            allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
+            allReduceBytes = _buckets.Bytes;
         }
         double gradNorm = GradientClipping.ClipByGlobalNorm(Model.parameters(), _spec.Optimizer.GradClip);
         _optimizer.Step(learningRate);
         Model.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
         var result = new StepMetrics(Step + 1, loss, learningRate, gradNorm,
-            _spec.Train.BatchSize * _spec.Model.BlockSize / (ms / 1000.0), ms);
+            _spec.Train.BatchSize * _spec.Model.BlockSize / (ms / 1000.0), ms, computeMs, allReduceMs, allReduceBytes);
         Step++;
         return result;
     }
 
-    /// <summary>Mean loss over eval-iters fixed batches of each split (the same batches at every evaluation).</summary>
+    /// <summary>
+    /// Mean loss over eval-iters fixed batches of each split (the same batches at every evaluation). Data-parallel
+    /// ranks share the batches out and sum their losses.
+    /// </summary>
     public EvalResult Evaluate()
     {
         Model.eval();
-        using var noGrad = no_grad();
-        double Mean(BatchSampler sampler)
+        double Sum(BatchSampler sampler)
         {
+            using var noGrad = no_grad();
             double sum = 0;
-            for (int i = 0; i < _spec.Train.EvalIters; i++)
+            for (int i = DataParallelRank; i < _spec.Train.EvalIters; i += DataParallelSize)
             {
                 using var scope = NewDisposeScope();
                 var (x, y) = Batch(sampler, i, 0, _spec.Train.BatchSize);
                 sum += Model.Loss(x, y).item<float>();
             }
-            return sum / _spec.Train.EvalIters;
+            return sum;
         }
-        var result = new EvalResult(Step, Mean(_trainEvalSampler), Mean(_valSampler));
+        var sums = new[] { (float)Sum(_trainEvalSampler), (float)Sum(_valSampler) };
+        if (_dataParallel is not null) Collective(ct => _dataParallel.AllReduceAsync(sums, ReduceOp.Sum, ct));
         Model.train();
-        return result;
+        return new EvalResult(Step, sums[0] / _spec.Train.EvalIters, sums[1] / _spec.Train.EvalIters);
+    }
+
+    /// <summary>Runs a collective from the training thread, bounded by the job's collective deadline.</summary>
+    void Collective(Func<CancellationToken, Task> operation)
+    {
+        using var deadline = new CancellationTokenSource(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
+        operation(deadline.Token).GetAwaiter().GetResult();
+    }
+
+    /// <summary>
+    /// Makes every rank start from rank 0's state (weights and optimizer moments, as DDP broadcasts its module),
+    /// then checks by SHA-256 that they really are identical.
+    /// </summary>
+    void SynchronizeWithRankZero()
+    {
+        var state = StateTensors();
+        long total = state.Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize);
+        var buffer = new byte[total + sizeof(long)];
+        long offset = 0;
+        foreach (var (_, t) in state) { t.bytes.CopyTo(buffer.AsSpan((int)offset)); offset += t.bytes.Length; }
+        BitConverter.TryWriteBytes(buffer.AsSpan((int)offset), Step);
+        Collective(ct => _dataParallel!.BroadcastAsync(buffer, root: 0, ct));
+        offset = 0;
+        using (var noGrad = no_grad())
+            foreach (var (_, t) in state) { buffer.AsSpan((int)offset, t.bytes.Length).CopyTo(t.bytes); offset += t.bytes.Length; }
+        Step = BitConverter.ToInt64(buffer, (int)offset);
+
+        var mine = SHA256.HashData(buffer);
+        var leaders = (byte[])mine.Clone();
+        Collective(ct => _dataParallel!.BroadcastAsync(leaders, root: 0, ct));
+        if (!mine.AsSpan().SequenceEqual(leaders))
+            throw new InvalidOperationException($"rank {DataParallelRank}'s initial state differs from rank 0's after the broadcast");
+        _logger.LogDebug("Rank {Rank} starts from rank 0's state, sha256 {Hash}", DataParallelRank, Convert.ToHexStringLower(mine));
     }
 
     static (Tensor X, Tensor Y) Batch(BatchSampler sampler, long step, int first, int count)

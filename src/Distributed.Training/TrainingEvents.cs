@@ -1,7 +1,11 @@
 namespace Distributed.Training;
 
-/// <summary>One optimizer step, as written to metrics.jsonl.</summary>
-public sealed record StepMetrics(long Step, double Loss, double LearningRate, double GradNorm, double TokensPerSecond, double StepMs);
+/// <summary>
+/// One optimizer step, as written to metrics.jsonl. Loss is the mean over the global batch; ComputeMs is forward and
+/// backward; AllReduceMs and AllReduceBytes are the gradient all-reduce (0 in a single process).
+/// </summary>
+public sealed record StepMetrics(long Step, double Loss, double LearningRate, double GradNorm, double TokensPerSecond, double StepMs,
+    double ComputeMs = 0, double AllReduceMs = 0, long AllReduceBytes = 0);
 
 /// <summary>Mean losses over eval-iters batches of each split.</summary>
 public sealed record EvalResult(long Step, double TrainLoss, double ValLoss)

@@ -14,7 +14,7 @@ namespace Distributed.Cluster.Config;
 public static class JobConfigLoader
 {
     /// <summary>Top-level sections that belong to Akka or the cluster and are not job keys.</summary>
-    static readonly string[] ForeignSections = ["akka", "cluster"];
+    static readonly string[] ForeignSections = ["akka"];
 
     enum Kind { Int, Long, Double, Bool, String }
 
@@ -51,6 +51,10 @@ public static class JobConfigLoader
         new("train.log-interval", Kind.Int, "10", 1, int.MaxValue),
         new("checkpoint.every", Kind.Int, "250", 1, int.MaxValue),
         new("checkpoint.keep", Kind.Int, "3", 1, 1 << 20),
+        new("cluster.workers", Kind.Int, "2", 1, 1024),
+        new("cluster.transport", Kind.String, "tcp"),
+        new("cluster.bucket-mb", Kind.Double, "25", 0.001, 4096),
+        new("cluster.collective-timeout", Kind.Double, "30", 0.1, 86400),
     ];
 
     /// <summary>Loads <paramref name="path"/> and applies overrides of the form <c>key=value</c>.</summary>
@@ -111,7 +115,8 @@ public static class JobConfigLoader
             Optimizer: new OptimizerSpec(D("optimizer.learning-rate"), D("optimizer.min-lr"), I("optimizer.warmup-iters"), I("optimizer.lr-decay-iters"),
                 D("optimizer.beta1"), D("optimizer.beta2"), D("optimizer.eps"), D("optimizer.weight-decay"), D("optimizer.grad-clip")),
             Train: new TrainSpec(I("train.batch-size"), I("train.grad-accum"), I("train.max-iters"), I("train.eval-interval"), I("train.eval-iters"), I("train.log-interval")),
-            Checkpoint: new CheckpointSpec(I("checkpoint.every"), I("checkpoint.keep")));
+            Checkpoint: new CheckpointSpec(I("checkpoint.every"), I("checkpoint.keep")),
+            Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout")));
         spec.Validate();
         return spec;
     }
@@ -129,7 +134,8 @@ public static class JobConfigLoader
             $"optimizer {{ learning-rate = {F(o.LearningRate)}, min-lr = {F(o.MinLearningRate)}, warmup-iters = {o.WarmupIters}, lr-decay-iters = {o.DecayIters}, " +
             $"beta1 = {F(o.Beta1)}, beta2 = {F(o.Beta2)}, eps = {F(o.Eps)}, weight-decay = {F(o.WeightDecay)}, grad-clip = {F(o.GradClip)} }}",
             $"train {{ batch-size = {t.BatchSize}, grad-accum = {t.GradAccum}, max-iters = {t.MaxIters}, eval-interval = {t.EvalInterval}, eval-iters = {t.EvalIters}, log-interval = {t.LogInterval} }}",
-            $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}") + "\n";
+            $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}",
+            $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)} }}") + "\n";
     }
 
     static double Number(Key key, string raw)

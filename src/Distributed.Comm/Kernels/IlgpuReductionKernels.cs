@@ -12,23 +12,25 @@ public sealed class IlgpuReductionKernels : IReductionKernels
     private readonly object _gate = new();
     private readonly Context _context;
     private readonly Accelerator _accelerator;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>> _accumulate;
-    private readonly Action<Index1D, ArrayView<float>, float> _scale;
-    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>> _toBFloat16;
-    private readonly Action<Index1D, ArrayView<ushort>, ArrayView<float>> _fromBFloat16;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, int> _accumulate;
+    private readonly Action<Index1D, ArrayView<float>, float, int> _scale;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<ushort>, int> _toBFloat16;
+    private readonly Action<Index1D, ArrayView<ushort>, ArrayView<float>, int> _fromBFloat16;
     private MemoryBuffer1D<float, Stride1D.Dense>? _a, _b;
     private MemoryBuffer1D<ushort, Stride1D.Dense>? _h;
     private bool _disposed;
 
     public IlgpuReductionKernels()
     {
-        _context = Context.Create(b => b.Cuda().CPU(CPUDeviceKind.Default));
+        // On the CPU: one two-thread group per core (the smallest warp ILGPU allows), each thread looping over a block
+        // (see Launch). ILGPU's default CPU device, one emulated thread per element, ran Accumulate at 0.01 GB/s.
+        _context = Context.Create(b => b.Cuda().CPU(new CPUDevice(2, 1, Environment.ProcessorCount)));
         var device = _context.Devices.FirstOrDefault(d => d.AcceleratorType == AcceleratorType.Cuda) ?? _context.GetCPUDevice(0);
         _accelerator = device.CreateAccelerator(_context);
-        _accumulate = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>>(AccumulateKernel);
-        _scale = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, float>(ScaleKernel);
-        _toBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>>(ToBFloat16Kernel);
-        _fromBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>>(FromBFloat16Kernel);
+        _accumulate = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(AccumulateKernel);
+        _scale = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, float, int>(ScaleKernel);
+        _toBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, int>(ToBFloat16Kernel);
+        _fromBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>, int>(FromBFloat16Kernel);
     }
 
     public string Name => "ilgpu";
@@ -42,11 +44,11 @@ public sealed class IlgpuReductionKernels : IReductionKernels
         if (accumulator.IsEmpty) return;
         lock (_gate)
         {
-            var a = Floats(ref _a, accumulator.Length);
-            var b = Floats(ref _b, accumulator.Length);
+            var a = View(ref _a, accumulator.Length);
+            var b = View(ref _b, accumulator.Length);
             a.CopyFromCPU((ReadOnlySpan<float>)accumulator);
             b.CopyFromCPU(chunk);
-            _accumulate(accumulator.Length, a, b);
+            Launch(_accumulate, accumulator.Length, a, b);
             a.CopyToCPU(accumulator);
             _accelerator.Synchronize();
         }
@@ -57,9 +59,9 @@ public sealed class IlgpuReductionKernels : IReductionKernels
         if (data.IsEmpty) return;
         lock (_gate)
         {
-            var a = Floats(ref _a, data.Length);
+            var a = View(ref _a, data.Length);
             a.CopyFromCPU((ReadOnlySpan<float>)data);
-            _scale(data.Length, a, factor);
+            Launch(_scale, data.Length, a, factor);
             a.CopyToCPU(data);
             _accelerator.Synchronize();
         }
@@ -71,10 +73,10 @@ public sealed class IlgpuReductionKernels : IReductionKernels
         if (source.IsEmpty) return;
         lock (_gate)
         {
-            var a = Floats(ref _a, source.Length);
-            var h = Halves(source.Length);
+            var a = View(ref _a, source.Length);
+            var h = View(ref _h, source.Length);
             a.CopyFromCPU(source);
-            _toBFloat16(source.Length, a, h);
+            Launch(_toBFloat16, source.Length, a, h);
             h.CopyToCPU(destination[..source.Length]);
             _accelerator.Synchronize();
         }
@@ -86,16 +88,16 @@ public sealed class IlgpuReductionKernels : IReductionKernels
         if (source.IsEmpty) return;
         lock (_gate)
         {
-            var h = Halves(source.Length);
-            var a = Floats(ref _a, source.Length);
+            var h = View(ref _h, source.Length);
+            var a = View(ref _a, source.Length);
             h.CopyFromCPU(source);
-            _fromBFloat16(source.Length, h, a);
+            Launch(_fromBFloat16, source.Length, h, a);
             a.CopyToCPU(destination[..source.Length]);
             _accelerator.Synchronize();
         }
     }
 
-    private ArrayView<float> Floats(ref MemoryBuffer1D<float, Stride1D.Dense>? buffer, int length)
+    private ArrayView<T> View<T>(ref MemoryBuffer1D<T, Stride1D.Dense>? buffer, int length) where T : unmanaged
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (buffer is null || buffer.Length < length)
@@ -103,39 +105,47 @@ public sealed class IlgpuReductionKernels : IReductionKernels
             var capacity = Math.Max(length, (int)Math.Min(int.MaxValue, 2 * (buffer?.Length ?? 0)));
             buffer?.Dispose();
             buffer = null; // stays consistent if the allocation below throws
-            buffer = _accelerator.Allocate1D<float>(capacity);
+            buffer = _accelerator.Allocate1D<T>(capacity);
         }
         return buffer.View.SubView(0, length);
     }
 
-    private ArrayView<ushort> Halves(int length)
+    // On a GPU each thread takes one element (coalesced); on the CPU each of MaxNumThreads threads takes a block.
+    private void Launch<T1, T2>(Action<Index1D, T1, T2, int> kernel, int length, T1 first, T2 second)
+        where T1 : struct where T2 : struct
     {
-        ObjectDisposedException.ThrowIf(_disposed, this);
-        if (_h is null || _h.Length < length)
-        {
-            var capacity = Math.Max(length, (int)Math.Min(int.MaxValue, 2 * (_h?.Length ?? 0)));
-            _h?.Dispose();
-            _h = null;
-            _h = _accelerator.Allocate1D<ushort>(capacity);
-        }
-        return _h.View.SubView(0, length);
+        var threads = _accelerator.AcceleratorType == AcceleratorType.CPU ? _accelerator.MaxNumThreads : length;
+        var perThread = (int)(((long)length + threads - 1) / threads);
+        kernel((int)(((long)length + perThread - 1) / perThread), first, second, perThread);
     }
 
-    private static void AccumulateKernel(Index1D i, ArrayView<float> a, ArrayView<float> b) => a[i] += b[i];
+    private static void AccumulateKernel(Index1D thread, ArrayView<float> a, ArrayView<float> b, int perThread)
+    {
+        for (int i = thread * perThread, end = i + Math.Min(perThread, a.IntLength - i); i < end; i++) a[i] += b[i];
+    }
 
-    private static void ScaleKernel(Index1D i, ArrayView<float> a, float factor) => a[i] *= factor;
+    private static void ScaleKernel(Index1D thread, ArrayView<float> a, float factor, int perThread)
+    {
+        for (int i = thread * perThread, end = i + Math.Min(perThread, a.IntLength - i); i < end; i++) a[i] *= factor;
+    }
 
     // Same bit arithmetic as ScalarReductionKernels.ToBFloat16.
-    private static void ToBFloat16Kernel(Index1D i, ArrayView<float> source, ArrayView<ushort> destination)
+    private static void ToBFloat16Kernel(Index1D thread, ArrayView<float> source, ArrayView<ushort> destination, int perThread)
     {
-        var bits = Interop.FloatAsInt(source[i]);
-        destination[i] = (bits & 0x7FFF_FFFFu) > 0x7F80_0000u
-            ? (ushort)((bits >> 16) | 0x0040u)
-            : (ushort)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        for (int i = thread * perThread, end = i + Math.Min(perThread, source.IntLength - i); i < end; i++)
+        {
+            var bits = Interop.FloatAsInt(source[i]);
+            destination[i] = (bits & 0x7FFF_FFFFu) > 0x7F80_0000u
+                ? (ushort)((bits >> 16) | 0x0040u)
+                : (ushort)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        }
     }
 
-    private static void FromBFloat16Kernel(Index1D i, ArrayView<ushort> source, ArrayView<float> destination) =>
-        destination[i] = Interop.IntAsFloat((uint)source[i] << 16);
+    private static void FromBFloat16Kernel(Index1D thread, ArrayView<ushort> source, ArrayView<float> destination, int perThread)
+    {
+        for (int i = thread * perThread, end = i + Math.Min(perThread, source.IntLength - i); i < end; i++)
+            destination[i] = Interop.IntAsFloat((uint)source[i] << 16);
+    }
 
     public void Dispose()
     {

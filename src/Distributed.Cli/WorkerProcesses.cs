@@ -1,0 +1,69 @@
+using System.Diagnostics;
+using System.Reflection;
+
+namespace Distributed.Cli;
+
+/// <summary>
+/// Worker processes of a local simulation: real OS processes running <c>dtrain worker</c>, killed (with their
+/// process trees) on every way out. Each worker also watches this process and exits if it disappears.
+/// </summary>
+sealed class WorkerProcesses : IDisposable
+{
+    readonly List<(Process Process, Queue<string> Tail)> _workers = [];
+
+    public WorkerProcesses(int count, string seed)
+    {
+        for (int i = 0; i < count; i++)
+        {
+            var info = new ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+            // Under `dotnet dtrain.dll` (dotnet run, tests) the host is dotnet and the program is the entry assembly.
+            if (Path.GetFileNameWithoutExtension(Environment.ProcessPath!) == "dotnet")
+                info.ArgumentList.Add(Assembly.GetEntryAssembly()!.Location);
+            foreach (var a in new[] { "worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString() }) info.ArgumentList.Add(a);
+            info.Environment["DOTNET_gcServer"] = "0";
+            var process = Process.Start(info) ?? throw new InvalidOperationException("could not start a worker process");
+            var tail = new Queue<string>();
+            void Keep(string? line)
+            {
+                if (line is null) return;
+                lock (tail) { tail.Enqueue(line); if (tail.Count > 20) tail.Dequeue(); }
+                if (line.Contains("fail:", StringComparison.Ordinal) || line.Contains("crit:", StringComparison.Ordinal))
+                    Console.Error.WriteLine($"[worker pid {process.Id}] {line}");
+            }
+            process.OutputDataReceived += (_, e) => Keep(e.Data);
+            process.ErrorDataReceived += (_, e) => Keep(e.Data);
+            process.BeginOutputReadLine();
+            process.BeginErrorReadLine();
+            _workers.Add((process, tail));
+        }
+    }
+
+    public IReadOnlyList<Process> Processes => _workers.Select(w => w.Process).ToList();
+
+    /// <summary>Completes with a description when a worker exits before the job is over.</summary>
+    public async Task<string> FirstUnexpectedExit(CancellationToken cancellationToken)
+    {
+        var exits = _workers.Select(async w =>
+        {
+            await w.Process.WaitForExitAsync(cancellationToken);
+            string last;
+            lock (w.Tail) last = w.Tail.LastOrDefault(l => l.Trim().Length > 0) ?? "(no output)";
+            return $"worker pid {w.Process.Id} exited with code {w.Process.ExitCode}: {last.Trim()}";
+        });
+        return await await Task.WhenAny(exits);
+    }
+
+    public void Dispose()
+    {
+        foreach (var (process, _) in _workers)
+        {
+            try
+            {
+                if (!process.HasExited) process.Kill(entireProcessTree: true);
+                process.WaitForExit(5000);
+            }
+            catch (InvalidOperationException) { }
+            process.Dispose();
+        }
+    }
+}

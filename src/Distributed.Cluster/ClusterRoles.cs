@@ -1,0 +1,30 @@
+using Akka.Actor;
+using Akka.Cluster.Tools.Singleton;
+using Distributed.Comm;
+using Microsoft.Extensions.Logging;
+
+namespace Distributed.Cluster;
+
+/// <summary>Starts the coordinator or a worker on an actor system.</summary>
+public static class ClusterRoles
+{
+    /// <summary>Runs the coordinator as a cluster singleton on coordinator-role nodes; returns a proxy to it.</summary>
+    public static IActorRef StartCoordinator(ActorSystem system, string jobHocon, int workers, string? resumeFrom)
+    {
+        system.ActorOf(ClusterSingletonManager.Props(
+            CoordinatorActor.Props(jobHocon, workers, resumeFrom), PoisonPill.Instance,
+            ClusterSingletonManagerSettings.Create(system).WithRole(ClusterBootstrap.CoordinatorRole)), "coordinator");
+        return CoordinatorProxy(system);
+    }
+
+    public static IActorRef CoordinatorProxy(ActorSystem system) => system.ActorOf(ClusterSingletonProxy.Props(
+        "/user/coordinator", ClusterSingletonProxySettings.Create(system).WithRole(ClusterBootstrap.CoordinatorRole)), "coordinator-proxy");
+
+    /// <summary>Starts a worker; the task completes with the process's exit code when the job ends for it.</summary>
+    public static Task<int> StartWorker(ActorSystem system, DataPlaneNode node, ILoggerFactory loggerFactory)
+    {
+        var exitCode = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
+        system.ActorOf(WorkerActor.Props(node, CoordinatorProxy(system), loggerFactory, exitCode), "worker");
+        return exitCode.Task;
+    }
+}

@@ -1,0 +1,106 @@
+using Akka.Actor;
+using Akka.Event;
+using Distributed.Cluster.Config;
+using Distributed.Comm;
+using Distributed.Training;
+using Microsoft.Extensions.Logging;
+
+namespace Distributed.Cluster;
+
+/// <summary>
+/// One worker process's actor: registers with the coordinator, and on AssignRank starts the training loop on its
+/// own thread. The loop reports back by message (to this actor, which forwards), so no Receive ever blocks.
+/// </summary>
+public sealed class WorkerActor : ReceiveActor, IWithTimers
+{
+    readonly DataPlaneNode _node;
+    readonly IActorRef _coordinator;
+    readonly ILoggerFactory _loggerFactory;
+    readonly TaskCompletionSource<int> _exitCode;
+    readonly ILoggingAdapter _log = Context.GetLogger();
+    long _generation = -1;
+
+    sealed record TryRegister;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public WorkerActor(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode)
+    {
+        _node = node;
+        _coordinator = coordinator;
+        _loggerFactory = loggerFactory;
+        _exitCode = exitCode;
+
+        Receive<TryRegister>(_ => _coordinator.Tell(new RegisterWorker(Self, _node.Endpoint, _node.Host, Environment.ProcessId)));
+        Receive<AssignRank>(OnAssignRank);
+        Receive<RankStarted>(m => _coordinator.Tell(m));
+        Receive<StepDone>(m => _coordinator.Tell(m));
+        Receive<EvalDone>(m => _coordinator.Tell(m));
+        Receive<WorkerFinished>(m => { _exitCode.TrySetResult(0); _coordinator.Tell(m); });
+        Receive<WorkerFailed>(m => { _exitCode.TrySetResult(1); _coordinator.Tell(m); });
+        Receive<Shutdown>(m =>
+        {
+            _log.Info("Shutting down: {0}", m.Reason);
+            _exitCode.TrySetResult(m.Reason == "job completed" ? 0 : 1);
+        });
+    }
+
+    public static Props Props(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode) =>
+        Akka.Actor.Props.Create(() => new WorkerActor(node, coordinator, loggerFactory, exitCode));
+
+    protected override void PreStart() =>
+        // Registration is repeated until a rank arrives: the singleton may not be up yet.
+        Timers.StartPeriodicTimer("register", new TryRegister(), TimeSpan.Zero, TimeSpan.FromSeconds(1));
+
+    void OnAssignRank(AssignRank m)
+    {
+        if (m.Generation <= _generation) return;
+        _generation = m.Generation;
+        Timers.Cancel("register");
+        var self = Self;
+        var logger = _loggerFactory.CreateLogger($"worker.rank{m.Rank}");
+        var thread = new Thread(() => TrainingLoop(m, self, logger)) { IsBackground = true, Name = $"training-rank-{m.Rank}" };
+        thread.Start();
+    }
+
+    /// <summary>Runs on the training thread; talks to the actor only by message.</summary>
+    void TrainingLoop(AssignRank assignment, IActorRef self, Microsoft.Extensions.Logging.ILogger logger)
+    {
+        long generation = assignment.Generation;
+        int rank = assignment.Rank;
+        try
+        {
+            var spec = JobConfigLoader.Parse(assignment.JobHocon, origin: "the coordinator's job");
+            _node.BeginGeneration(generation, rank);
+            var transport = spec.Cluster.Transport == "grpc" ? TransportKind.Grpc : TransportKind.Tcp;
+            var links = new PeerLinks(_node, generation, assignment.Endpoints, transport);
+            try
+            {
+                var group = new ProcessGroup(links, groupId: 0, Enumerable.Range(0, assignment.Endpoints.Count).ToArray(),
+                    new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds) });
+                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, group);
+                string? lastCheckpoint = null;
+                trainer.Run(new Reporter(self, generation, rank, path => lastCheckpoint = path));
+                self.Tell(new WorkerFinished(generation, rank, trainer.Step, lastCheckpoint));
+            }
+            finally
+            {
+                links.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            }
+        }
+        catch (Exception e)
+        {
+            int? peer = (e as PeerFailedException)?.Rank ?? (e.InnerException as PeerFailedException)?.Rank;
+            logger.LogError("Training failed on rank {Rank}: {Error}", rank, e.Message);
+            self.Tell(new WorkerFailed(generation, rank, e.Message, peer));
+        }
+    }
+
+    sealed class Reporter(IActorRef self, long generation, int rank, Action<string> onCheckpoint) : ITrainingObserver
+    {
+        public void OnStart(long firstStep, long lastStep) => self.Tell(new RankStarted(generation, rank, firstStep, lastStep));
+        public void OnStep(StepMetrics metrics) => self.Tell(new StepDone(generation, rank, metrics));
+        public void OnEval(EvalResult result) => self.Tell(new EvalDone(generation, rank, result));
+        public void OnCheckpoint(long step, string path) => onCheckpoint(path);
+    }
+}
