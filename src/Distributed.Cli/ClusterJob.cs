@@ -74,7 +74,8 @@ static class ClusterJob
         }
         finally
         {
-            await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClrExitReason.Instance);
+            // The whole cluster ends with the job: no graceful leave to wait for.
+            await system.Terminate().WaitAsync(TimeSpan.FromSeconds(10)).ContinueWith(_ => { });
         }
     }
 }

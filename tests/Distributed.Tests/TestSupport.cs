@@ -27,14 +27,15 @@ static class TestSupport
 
     /// <summary>A small job on the real corpus that trains in well under a second per few steps.</summary>
     public static JobSpec TinyJob(string runDir, params string[] overrides) => JobConfigLoader.Load(
-        Path.Combine(RepoRoot, "cluster-config", "shakespeare-char.conf"),
-        [
-            $"run.dir={runDir}", $"data.path={Corpus}", "run.threads=1",
-            "model.n-layer=2", "model.n-head=2", "model.n-embd=32", "model.block-size=16",
-            "train.batch-size=4", "train.max-iters=20", "train.eval-interval=10", "train.eval-iters=2",
-            "optimizer.warmup-iters=5", "optimizer.lr-decay-iters=20", "checkpoint.every=10",
-            .. overrides,
-        ]);
+        Path.Combine(RepoRoot, "cluster-config", "shakespeare-char.conf"), [.. TinyJobOverrides(runDir), .. overrides]);
+
+    public static string[] TinyJobOverrides(string runDir) =>
+    [
+        $"run.dir={runDir}", $"data.path={Corpus}", "run.threads=1",
+        "model.n-layer=2", "model.n-head=2", "model.n-embd=32", "model.block-size=16",
+        "train.batch-size=4", "train.max-iters=20", "train.eval-interval=10", "train.eval-iters=2",
+        "optimizer.warmup-iters=5", "optimizer.lr-decay-iters=20", "checkpoint.every=10",
+    ];
 
     public static readonly NullLogger Logger = NullLogger.Instance;
 

@@ -1,0 +1,59 @@
+using System.Text.Json;
+using Distributed.Training;
+using Distributed.Training.Checkpoints;
+
+namespace Distributed.Tests;
+
+/// <summary>
+/// The simulation as a user runs it: `dtrain train --workers N` starts a real Akka cluster (coordinator plus N
+/// worker processes on loopback) whose workers all-reduce gradients over real sockets. Its losses and weights must
+/// match a single process training on the same global batch.
+/// </summary>
+public class DataParallelTests
+{
+    sealed class Quiet : ITrainingObserver;
+
+    static readonly string[] Job =
+    [
+        "train.batch-size=12", "train.max-iters=20", "train.eval-interval=1000", "train.eval-iters=3",
+        "optimizer.warmup-iters=5", "optimizer.lr-decay-iters=20", "checkpoint.every=1000",
+    ];
+
+    static double[] Losses(string runDir) => File.ReadAllLines(Path.Combine(runDir, "metrics.jsonl"))
+        .Select(l => JsonDocument.Parse(l).RootElement.GetProperty("loss").GetDouble()).ToArray();
+
+    [Theory]
+    [InlineData(2, "tcp")]
+    [InlineData(3, "grpc")]
+    [InlineData(4, "tcp")]
+    public void DataParallelRunMatchesASingleProcessOfTheSameGlobalBatch(int workers, string transport)
+    {
+        string single = TestSupport.TempDir("dp1"), parallel = TestSupport.TempDir($"dp{workers}");
+        using (var trainer = new Trainer(TestSupport.TinyJob(single, Job), TestSupport.Logger)) trainer.Run(new Quiet());
+
+        var args = new List<string> { "train", "--workers", workers.ToString(), "--config", Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf") };
+        foreach (var kv in TestSupport.TinyJobOverrides(parallel).Concat(Job).Append($"cluster.transport={transport}")) { args.Add("--set"); args.Add(kv); }
+        var run = TestSupport.RunCli(parallel, [.. args]);
+        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        Assert.Contains("val loss", run.Stdout);
+
+        var expected = Losses(single);
+        var actual = Losses(parallel);
+        Assert.Equal(20, actual.Length);
+        for (int i = 0; i < expected.Length; i++)
+            Assert.True(Math.Abs(actual[i] - expected[i]) <= 1e-5 * Math.Abs(expected[i]), $"step {i + 1}: loss {actual[i]} vs single-process {expected[i]}");
+
+        using var a = CheckpointFiles.Load(Path.Combine(single, "checkpoints", CheckpointFiles.FileName(20)));
+        using var b = CheckpointFiles.Load(Path.Combine(parallel, "checkpoints", CheckpointFiles.FileName(20)));
+        foreach (var (name, tensor) in a.Tensors.Where(t => t.Key.StartsWith("model.", StringComparison.Ordinal)))
+        {
+            double diff = (tensor - b.Tensors[name]).abs().max().item<float>();
+            Assert.True(diff <= 1e-4, $"{name} differs by {diff}");
+        }
+
+        // Every step's metrics carry the all-reduce's share.
+        var last = JsonDocument.Parse(File.ReadAllLines(Path.Combine(parallel, "metrics.jsonl"))[^1]).RootElement;
+        Assert.True(last.GetProperty("allreduce_bytes").GetInt64() > 0);
+        Assert.True(last.GetProperty("allreduce_ms").GetDouble() > 0);
+    }
+}
