@@ -4,6 +4,7 @@ using Distributed.Cluster.Config;
 using Distributed.Core;
 using Distributed.Training;
 using Distributed.Training.Checkpoints;
+using Distributed.Training.Data;
 using Microsoft.Extensions.Logging;
 
 namespace Distributed.Cli;
@@ -41,6 +42,7 @@ static class TrainCommand
 
     static async Task<int> RunAsync(JobSpec spec, int workers, bool resuming, string? resumePath, bool overwrite, long? stopAt, CancellationToken cancellationToken)
     {
+        TextCorpus.RequireFile(spec.Data);   // before any worker starts
         using var loggerFactory = Logging.CreateFactory();
         var logger = loggerFactory.CreateLogger("dtrain");
         string checkpoints = Path.Combine(spec.RunDir, "checkpoints");

@@ -16,14 +16,20 @@ public sealed class TextCorpus
     public int[] Train { get; }
     public int[] Validation { get; }
 
+    /// <summary>Fails early, with the key to fix, when the data file is missing.</summary>
+    public static void RequireFile(DataSpec spec)
+    {
+        if (!File.Exists(spec.Path))
+            throw new UserFacingException($"data file '{spec.Path}' does not exist (config key 'data.path')");
+    }
+
     /// <summary>
     /// Loads the corpus. With a tokenizer from a checkpoint, the text must fit it; without one, the vocabulary
     /// is built from the text.
     /// </summary>
     public static TextCorpus Load(DataSpec spec, int blockSize, CharTokenizer? tokenizer = null)
     {
-        if (!File.Exists(spec.Path))
-            throw new UserFacingException($"data file '{spec.Path}' does not exist (config key 'data.path')");
+        RequireFile(spec);
         string text = File.ReadAllText(spec.Path);
         tokenizer ??= CharTokenizer.FromCorpus(text);
         int[] ids = tokenizer.Encode(text);
