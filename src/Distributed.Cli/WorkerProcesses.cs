@@ -48,7 +48,9 @@ sealed class WorkerProcesses : IDisposable
             await w.Process.WaitForExitAsync(cancellationToken);
             string last;
             lock (w.Tail) last = w.Tail.LastOrDefault(l => l.Trim().Length > 0) ?? "(no output)";
-            return $"worker pid {w.Process.Id} exited with code {w.Process.ExitCode}: {last.Trim()}";
+            int code = w.Process.ExitCode;
+            string how = code > 128 ? $"was killed by signal {code - 128}" : $"exited with code {code}";
+            return $"worker pid {w.Process.Id} {how}; its last output: {last.Trim()}";
         });
         return await await Task.WhenAny(exits);
     }

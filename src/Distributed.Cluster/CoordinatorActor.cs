@@ -70,18 +70,21 @@ public sealed class CoordinatorActor : ReceiveActor
             _lastCheckpoint = m.FinalCheckpoint ?? _lastCheckpoint;   // rank 0 writes checkpoints
             if (_finished.Count == _workers.Count) End(new JobCompleted(m.Step, _lastCheckpoint), "job completed");
         });
-        Receive<WorkerFailed>(m => m.Generation == _generation, m =>
-            End(new JobFailed($"rank {m.Rank} failed: {m.Reason}"), "job failed"));
+        Receive<WorkerFailed>(m => m.Generation == _generation, m => End(new JobFailed(m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
+            ? $"rank {lost} ({Describe(lost)}) was lost: {m.Reason} (reported by rank {m.Rank})"
+            : $"rank {m.Rank} ({Describe(m.Rank)}) failed: {m.Reason}"), "job failed"));
         Receive<Terminated>(t =>
         {
             int rank = _workers.FindIndex(w => w.Worker.Equals(t.ActorRef));
             if (rank >= 0 && !_finished.Contains(rank))
-                End(new JobFailed($"worker rank {rank} (pid {_workers[rank].ProcessId} on {_workers[rank].Host}) left the cluster"), "job failed");
+                End(new JobFailed($"rank {rank} ({Describe(rank)}) left the cluster"), "job failed");
         });
         ReceiveAny(_ => { });   // reports of an older generation
     }
 
     string? _lastCheckpoint;
+
+    string Describe(int rank) => $"worker pid {_workers[rank].ProcessId} on {_workers[rank].Host}";
 
     void End(JobEvent outcome, string reason)
     {

@@ -84,7 +84,8 @@ public sealed class Trainer : IDisposable
     {
         long last = Math.Min(_spec.Train.MaxIters, stopAtStep ?? long.MaxValue);
         Directory.CreateDirectory(_spec.RunDir);
-        using var metrics = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "metrics.jsonl"), append: true) : StreamWriter.Null;
+        // Flushed every line, so `tail -f metrics.jsonl` follows the run and a killed run keeps every step it logged.
+        using var metrics = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "metrics.jsonl"), append: true) { AutoFlush = true } : StreamWriter.Null;
         using var evals = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "eval.jsonl"), append: true) : StreamWriter.Null;
         observer.OnStart(Step, last);
         EvalResult? lastEval = null;

@@ -37,9 +37,10 @@ public class CliTests
     {
         string dir = TestSupport.TempDir("cli-ckpt");
         AssertOneLineError(TestSupport.RunCli(dir, "sample", "--checkpoint", "none.safetensors"), "checkpoint 'none.safetensors' does not exist");
-        AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--resume", "--set", "run.dir=empty-run"), "no checkpoint to resume from in 'empty-run'");
+        AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--resume", "--set", "run.dir=empty-run", "--set", $"data.path={TestSupport.Corpus}"),
+            "no checkpoint to resume from in 'empty-run'");
 
-        var train = TestSupport.RunCli(dir, "train", "--config", Config, "--set", $"data.path={TestSupport.Corpus}", "--set", "run.dir=r",
+        var train = TestSupport.RunCli(dir, "train", "--workers", "0", "--config", Config, "--set", $"data.path={TestSupport.Corpus}", "--set", "run.dir=r",
             "--set", "train.max-iters=2", "--set", "model.n-layer=1", "--set", "model.n-embd=16", "--set", "train.eval-iters=1", "--set", "run.threads=1");
         Assert.True(train.ExitCode == 0, train.Stderr + train.Stdout);
         Assert.Contains("val loss", train.Stdout);
@@ -63,6 +64,6 @@ public class CliTests
         AssertOneLineError(TestSupport.RunCli(dir, "inspect", checkpoint), "is corrupt");
 
         // Starting over in a run directory that holds checkpoints needs --overwrite.
-        AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--set", "run.dir=r"), "already holds checkpoints");
+        AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--set", "run.dir=r", "--set", $"data.path={TestSupport.Corpus}"), "already holds checkpoints");
     }
 }
