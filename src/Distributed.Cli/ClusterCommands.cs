@@ -54,3 +54,31 @@ static class WorkerCommand
         }
     }
 }
+
+/// <summary><c>dtrain coordinator</c>: the coordinator node on its own (Kubernetes, several hosts); workers join it.</summary>
+static class CoordinatorCommand
+{
+    public static Command Create()
+    {
+        var config = new Option<string>("--config") { Description = "job file (HOCON)", DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
+        var set = new Option<string[]>("--set") { Description = "override a config key" };
+        var workers = new Option<int?>("--workers") { Description = "workers to wait for (default: cluster.workers)" };
+        var host = new Option<string>("--host") { Description = "address this node advertises to workers", DefaultValueFactory = _ => "127.0.0.1" };
+        var port = new Option<int>("--port") { Description = "Akka port workers use as their seed", DefaultValueFactory = _ => 2551 };
+        var command = new Command("coordinator", "run the coordinator node and wait for workers (dtrain worker --seed HOST:PORT)") { config, set, workers, host, port };
+        command.SetAction(async (parse, cancellationToken) =>
+        {
+            var spec = Distributed.Cluster.Config.JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
+            int count = parse.GetValue(workers) ?? spec.Cluster.Workers;
+            if (count < 1) throw new Core.UserFacingException($"--workers must be 1 or more, got {count}");
+            spec.ValidateDataParallel(count);
+            using var loggerFactory = Logging.CreateFactory();
+            var logger = loggerFactory.CreateLogger("coordinator");
+            var (result, _) = await ClusterJob.RunAsync(spec, count, resumeFrom: null, spawnWorkers: false,
+                parse.GetValue(host)!, parse.GetValue(port), new LogLineObserver(logger, spec.Train.LogInterval), logger, cancellationToken);
+            if (result is not null) Console.WriteLine($"step {result.Step}: train loss {result.TrainLoss:F4}, val loss {result.ValLoss:F4} (perplexity {result.ValPerplexity:F2})");
+            return 0;
+        });
+        return command;
+    }
+}

@@ -13,6 +13,7 @@ namespace Distributed.Cli;
 /// </summary>
 static class ClusterJob
 {
+    /// <summary>How long a simulation waits for its own workers; a standalone coordinator waits as long as it takes.</summary>
     public static readonly TimeSpan RegistrationTimeout = TimeSpan.FromMinutes(2);
 
     public static async Task<(EvalResult? Result, long Steps)> RunAsync(JobSpec spec, int workers, string? resumeFrom, bool spawnWorkers,
@@ -30,7 +31,7 @@ static class ClusterJob
             using var processes = spawnWorkers ? new WorkerProcesses(workers, seed) : null;
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             var workerExit = processes?.FirstUnexpectedExit(stop.Token) ?? Task.Delay(Timeout.Infinite, stop.Token).ContinueWith(_ => "");
-            var registration = Task.Delay(RegistrationTimeout, stop.Token);
+            var registration = Task.Delay(spawnWorkers ? RegistrationTimeout : Timeout.InfiniteTimeSpan, stop.Token);
             EvalResult? lastEval = null;
             long firstStep = 0, lastStep = 0;
             bool started = false;
