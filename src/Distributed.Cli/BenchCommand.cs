@@ -36,7 +36,7 @@ static class BenchCommand
     /// </summary>
     static async Task<int> AllReduceAsync(int n, int iterations, string transport, int rank, string? rendezvous, CancellationToken ct)
     {
-        var kind = transport == "grpc" ? TransportKind.Grpc : TransportKind.Tcp;
+        var kind = TransportKinds.Parse(transport);
         var children = new List<Process>();
         if (rendezvous is null)
         {

@@ -72,7 +72,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         {
             var spec = JobConfigLoader.Parse(assignment.JobHocon, origin: "the coordinator's job");
             _node.BeginGeneration(generation, rank);
-            var transport = spec.Cluster.Transport == "grpc" ? TransportKind.Grpc : TransportKind.Tcp;
+            var transport = TransportKinds.Parse(spec.Cluster.Transport);
             var links = new PeerLinks(_node, generation, assignment.Endpoints, transport);
             try
             {

@@ -12,8 +12,11 @@ using Microsoft.Extensions.Logging;
 
 namespace Distributed.Comm;
 
-/// <summary>Which path carries the bytes of collectives: gRPC streams, or raw TCP negotiated over gRPC.</summary>
-public enum TransportKind { Grpc, Tcp }
+/// <summary>
+/// Which path carries the bytes of collectives: gRPC streams; raw TCP negotiated over gRPC; or shared-memory rings
+/// negotiated over gRPC between workers on one host (raw TCP to workers elsewhere).
+/// </summary>
+public enum TransportKind { Grpc, Tcp, SharedMemory }
 
 /// <summary>
 /// One worker's data-plane endpoint: a Kestrel gRPC server (HTTP/2, port 0 by default) and a raw-TCP bulk listener,
@@ -30,6 +33,8 @@ public sealed class DataPlaneNode : IAsyncDisposable
     readonly List<Socket> _acceptedSockets = [];
     readonly ILogger _logger;
     readonly Task _acceptLoop;
+    readonly List<(SharedMemoryRing Ring, CancellationTokenSource Stop, Thread Reader)> _inboundRings = [];
+    const long RingCapacity = 32 << 20;
 
     DataPlaneNode(WebApplication app, TcpListener bulkListener, string host, ILogger logger)
     {
@@ -44,6 +49,15 @@ public sealed class DataPlaneNode : IAsyncDisposable
     }
 
     public Mailbox Mailbox { get; } = new();
+
+    /// <summary>Identifies this machine, so peers can tell whether shared memory reaches us.</summary>
+    public static string HostId { get; } = ReadHostId();
+
+    static string ReadHostId()
+    {
+        const string bootId = "/proc/sys/kernel/random/boot_id";
+        return Environment.MachineName + ":" + (File.Exists(bootId) ? File.ReadAllText(bootId).Trim() : Guid.NewGuid().ToString());
+    }
 
     /// <summary>This worker's global rank in the current generation (-1 before it has one).</summary>
     public int Rank { get; private set; } = -1;
@@ -94,10 +108,59 @@ public sealed class DataPlaneNode : IAsyncDisposable
     {
         Rank = rank;
         Mailbox.Reset(generation);
+        CloseInboundRings();
+    }
+
+    /// <summary>Creates the ring a peer on this host writes into, and a thread that drains it into the mailbox.</summary>
+    internal string OpenInboundRing(int sourceRank, long generation)
+    {
+        string directory = Directory.Exists("/dev/shm") ? "/dev/shm" : Path.GetTempPath();
+        string path = Path.Combine(directory, $"dtrain-{Environment.ProcessId}-{Guid.NewGuid():N}-g{generation}-from{sourceRank}");
+        var ring = SharedMemoryRing.Create(path, RingCapacity);
+        var stop = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
+        var reader = new Thread(() => DrainRing(ring, stop.Token)) { IsBackground = true, Name = $"shm-from-{sourceRank}" };
+        lock (_inboundRings) _inboundRings.Add((ring, stop, reader));
+        reader.Start();
+        return path;
+    }
+
+    void DrainRing(SharedMemoryRing ring, CancellationToken stop)
+    {
+        var header = new byte[BulkHeaderBytes];
+        try
+        {
+            while (true)
+            {
+                byte[]? payload = null;
+                ring.Read(header, length => payload = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1)),
+                    h => BinaryPrimitives.ReadInt32LittleEndian(h[36..]), stop);
+                var chunkHeader = ReadHeader(header, out int length);
+                try { Deliver(chunkHeader, new ReceivedChunk(payload.AsMemory(0, length), payload)); }
+                catch (StaleGenerationException e) { _logger.LogWarning("{Message}", e.Message); }
+            }
+        }
+        catch (OperationCanceledException) { }
+    }
+
+    void CloseInboundRings()
+    {
+        lock (_inboundRings)
+        {
+            foreach (var (ring, stop, reader) in _inboundRings)
+            {
+                stop.Cancel();
+                reader.Join(TimeSpan.FromSeconds(2));
+                ring.Dispose();
+                File.Delete(ring.Path);
+                stop.Dispose();
+            }
+            _inboundRings.Clear();
+        }
     }
 
     internal void Deliver(ChunkHeader header, ReceivedChunk chunk)
     {
+        if (header.OpId == ProcessGroup.LivenessOpId) { chunk.Dispose(); return; }   // only tells the server who is on the stream
         if (header.OpId == ProcessGroup.AbortOpId)
         {
             int failed = BinaryPrimitives.ReadInt32LittleEndian(chunk.Payload.Span);
@@ -178,7 +241,7 @@ public sealed class DataPlaneNode : IAsyncDisposable
         BinaryPrimitives.WriteInt32LittleEndian(span[40..], 0);
     }
 
-    static ChunkHeader ReadHeader(ReadOnlySpan<byte> span, out int length)
+    internal static ChunkHeader ReadHeader(ReadOnlySpan<byte> span, out int length)
     {
         length = BinaryPrimitives.ReadInt32LittleEndian(span[36..]);
         if (length < 0 || length > MaxMessageBytes) throw new InvalidDataException($"bulk frame of {length} bytes");
@@ -191,6 +254,7 @@ public sealed class DataPlaneNode : IAsyncDisposable
     {
         if (_stopping.IsCancellationRequested) return;
         _stopping.Cancel();
+        CloseInboundRings();
         _bulkListener.Stop();
         lock (_acceptedSockets)
             foreach (var s in _acceptedSockets) s.Dispose();
@@ -199,4 +263,16 @@ public sealed class DataPlaneNode : IAsyncDisposable
         try { await _app.StopAsync(quick.Token).ConfigureAwait(false); } catch (OperationCanceledException) { }
         await _app.DisposeAsync().ConfigureAwait(false);
     }
+}
+
+public static class TransportKinds
+{
+    /// <summary>The config spelling (cluster.transport): shm, tcp or grpc.</summary>
+    public static TransportKind Parse(string name) => name switch
+    {
+        "shm" => TransportKind.SharedMemory,
+        "tcp" => TransportKind.Tcp,
+        "grpc" => TransportKind.Grpc,
+        _ => throw new ArgumentException($"unknown transport '{name}': shm, tcp or grpc"),
+    };
 }

@@ -38,7 +38,10 @@ sealed class DataPlaneService(DataPlaneNode node) : DataPlane.DataPlaneBase
         if (request.Generation != node.Mailbox.Generation)
             throw new RpcException(new Status(StatusCode.FailedPrecondition,
                 $"rank {node.Rank} is in generation {node.Mailbox.Generation}, rank {request.SourceRank} in {request.Generation}"));
-        return Task.FromResult(new HelloReply { Generation = node.Mailbox.Generation, Rank = node.Rank, BulkPort = node.BulkPort });
+        var reply = new HelloReply { Generation = node.Mailbox.Generation, Rank = node.Rank, BulkPort = node.BulkPort };
+        if (request.WantSharedMemory && request.HostId == DataPlaneNode.HostId)
+            reply.SharedMemoryPath = node.OpenInboundRing(request.SourceRank, request.Generation);
+        return Task.FromResult(reply);
     }
 }
 

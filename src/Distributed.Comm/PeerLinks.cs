@@ -71,6 +71,32 @@ public sealed class PeerLinks : IAsyncDisposable
         }
     }
 
+    /// <summary>Writes into the receiver's shared-memory ring; the idle gRPC stream beside it only reports liveness.</summary>
+    sealed class SharedMemoryLink(GrpcChannel channel, AsyncClientStreamingCall<TensorChunk, ExchangeSummary> liveness, SharedMemoryRing ring) : Link
+    {
+        readonly byte[] _header = new byte[DataPlaneNode.BulkHeaderBytes];
+
+        public override Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
+        {
+            DataPlaneNode.WriteHeader(_header, h, payload.Length);
+            ring.Write(_header, payload.Span, cancellationToken);
+            return Task.CompletedTask;
+        }
+
+        public override async ValueTask DisposeAsync()
+        {
+            try
+            {
+                using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+                await liveness.RequestStream.CompleteAsync().WaitAsync(quick.Token).ConfigureAwait(false);
+            }
+            catch (Exception) { }
+            liveness.Dispose();
+            ring.Dispose();
+            channel.Dispose();
+        }
+    }
+
     public PeerLinks(DataPlaneNode node, long generation, IReadOnlyList<string> endpoints, TransportKind transport)
     {
         _node = node;
@@ -139,8 +165,16 @@ public sealed class PeerLinks : IAsyncDisposable
                 return new GrpcLink(channel, call);
             }
 
-            var hello = await client.HelloAsync(new HelloRequest { Generation = Generation, SourceRank = Rank },
+            bool wantShared = _transport == TransportKind.SharedMemory;
+            var hello = await client.HelloAsync(new HelloRequest { Generation = Generation, SourceRank = Rank, WantSharedMemory = wantShared, HostId = DataPlaneNode.HostId },
                 deadline: DateTime.UtcNow.AddSeconds(10), cancellationToken: cancellationToken).ConfigureAwait(false);
+            if (hello.SharedMemoryPath.Length > 0)
+            {
+                var liveness = client.Exchange(cancellationToken: _closing.Token);
+                await liveness.RequestStream.WriteAsync(new TensorChunk { Generation = Generation, SourceRank = Rank, OpId = ProcessGroup.LivenessOpId },
+                    cancellationToken).ConfigureAwait(false);
+                return new SharedMemoryLink(channel, liveness, SharedMemoryRing.Open(hello.SharedMemoryPath));
+            }
             if (hello.BulkPort == 0) throw new InvalidOperationException($"rank {destination} offers no TCP bulk path");
             var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true, SendBufferSize = 4 << 20 };
             await socket.ConnectAsync(new Uri(_endpoints[destination]).Host, hello.BulkPort, cancellationToken).ConfigureAwait(false);

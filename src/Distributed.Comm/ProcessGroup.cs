@@ -12,7 +12,8 @@ namespace Distributed.Comm;
 /// </summary>
 public sealed class ProcessGroup : IProcessGroup
 {
-    internal const long AbortOpId = -1;
+    // Op ids: collectives count up from 0; control frames and point-to-point transfers use separate negative ranges.
+    internal const long AbortOpId = -1, LivenessOpId = -2, PointToPointOpBase = -1_000_000;
 
     readonly PeerLinks _links;
     readonly int[] _members;   // global ranks, in group-rank order
@@ -112,7 +113,7 @@ public sealed class ProcessGroup : IProcessGroup
     /// <summary>Point to point; ops are numbered per (sender, receiver) pair so other members need not take part.</summary>
     public async Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
     {
-        long op = -2 - Next(_sendCount, destination);
+        long op = PointToPointOpBase - Next(_sendCount, destination);
         int chunk = _options.ChunkBytes, chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
         for (int c = 0; c < chunks; c++)
         {
@@ -123,7 +124,7 @@ public sealed class ProcessGroup : IProcessGroup
 
     public async Task ReceiveAsync(int source, Memory<byte> data, CancellationToken cancellationToken = default)
     {
-        long op = -2 - Next(_receiveCount, source);
+        long op = PointToPointOpBase - Next(_receiveCount, source);
         int chunk = _options.ChunkBytes, chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
         for (int c = 0; c < chunks; c++)
         {

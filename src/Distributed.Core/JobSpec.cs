@@ -37,8 +37,8 @@ public sealed record JobSpec(
             throw new ConfigException($"config key 'model.n-embd' ({Model.Embedding}) must be divisible by 'model.n-head' ({Model.Heads})");
         if (Train.BatchSize % Train.GradAccum != 0)
             throw new ConfigException($"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by 'train.grad-accum' ({Train.GradAccum})");
-        if (Cluster.Transport is not ("tcp" or "grpc"))
-            throw new ConfigException($"config key 'cluster.transport' must be tcp or grpc, got '{Cluster.Transport}'");
+        if (Cluster.Transport is not ("shm" or "tcp" or "grpc"))
+            throw new ConfigException($"config key 'cluster.transport' must be shm, tcp or grpc, got '{Cluster.Transport}'");
         if (Optimizer.MinLearningRate > Optimizer.LearningRate)
             throw new ConfigException($"config key 'optimizer.min-lr' ({Optimizer.MinLearningRate}) must not exceed 'optimizer.learning-rate' ({Optimizer.LearningRate})");
     }

@@ -37,7 +37,7 @@ public class CollectiveTests
 
     public static IEnumerable<object[]> Cases() =>
         from n in new[] { 2, 3, 4 }
-        from transport in new[] { TransportKind.Grpc, TransportKind.Tcp }
+        from transport in new[] { TransportKind.Grpc, TransportKind.Tcp, TransportKind.SharedMemory }
         select new object[] { n, transport };
 
     [Theory]
@@ -104,6 +104,7 @@ public class CollectiveTests
     [Theory]
     [InlineData(TransportKind.Grpc)]
     [InlineData(TransportKind.Tcp)]
+    [InlineData(TransportKind.SharedMemory)]
     public async Task ADeadPeerFailsTheCollectiveWithItsRankWithinTheDeadline(TransportKind transport)
     {
         var timeout = TimeSpan.FromSeconds(3);

@@ -23,7 +23,7 @@ public class DataParallelTests
         .Select(l => JsonDocument.Parse(l).RootElement.GetProperty("loss").GetDouble()).ToArray();
 
     [Theory]
-    [InlineData(2, "tcp")]
+    [InlineData(2, "shm")]
     [InlineData(3, "grpc")]
     [InlineData(4, "tcp")]
     public void DataParallelRunMatchesASingleProcessOfTheSameGlobalBatch(int workers, string transport)

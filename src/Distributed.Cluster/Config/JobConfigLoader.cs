@@ -52,7 +52,7 @@ public static class JobConfigLoader
         new("checkpoint.every", Kind.Int, "250", 1, int.MaxValue),
         new("checkpoint.keep", Kind.Int, "3", 1, 1 << 20),
         new("cluster.workers", Kind.Int, "2", 1, 1024),
-        new("cluster.transport", Kind.String, "tcp"),
+        new("cluster.transport", Kind.String, "shm"),
         new("cluster.bucket-mb", Kind.Double, "25", 0.001, 4096),
         new("cluster.collective-timeout", Kind.Double, "30", 0.1, 86400),
     ];
