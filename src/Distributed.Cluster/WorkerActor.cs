@@ -36,8 +36,9 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<RankStarted>(m => _coordinator.Tell(m));
         Receive<StepDone>(m => _coordinator.Tell(m));
         Receive<EvalDone>(m => _coordinator.Tell(m));
-        Receive<WorkerFinished>(m => { _exitCode.TrySetResult(0); _coordinator.Tell(m); });
-        Receive<WorkerFailed>(m => { _exitCode.TrySetResult(1); _coordinator.Tell(m); });
+        // Report first: completing the exit code starts this process's shutdown.
+        Receive<WorkerFinished>(m => { _coordinator.Tell(m); _exitCode.TrySetResult(0); });
+        Receive<WorkerFailed>(m => { _coordinator.Tell(m); _exitCode.TrySetResult(1); });
         Receive<Shutdown>(m =>
         {
             _log.Info("Shutting down: {0}", m.Reason);
