@@ -113,18 +113,20 @@ static class TrainCommand
 sealed class LogLineObserver(ILogger logger, int logInterval) : ITrainingObserver
 {
     readonly Stopwatch _clock = new();
-    long _first, _last;
+    long _first, _last, _logged;
 
     public void OnStart(long firstStep, long lastStep)
     {
-        (_first, _last) = (firstStep, lastStep);
+        (_first, _last, _logged) = (firstStep, lastStep, firstStep);
         _clock.Start();
         logger.LogInformation("Training steps {First}..{Last}", firstStep + 1, lastStep);
     }
 
     public void OnStep(StepMetrics m)
     {
-        if (m.Step % logInterval != 0 && m.Step != _last) return;
+        // Cluster reports arrive throttled, not every step: log whenever a log-interval boundary was crossed.
+        if (m.Step / logInterval == _logged / logInterval && m.Step != _last) return;
+        _logged = m.Step;
         double perStep = _clock.Elapsed.TotalSeconds / Math.Max(1, m.Step - _first);
         var left = TimeSpan.FromSeconds(perStep * (_last - m.Step));
         logger.LogInformation("step {Step}/{Last} loss {Loss:F4} lr {Lr:E2} grad-norm {Norm:F3} {Tps:N0} tok/s {Ms:F1} ms/step, {Left:mm\\:ss} left",

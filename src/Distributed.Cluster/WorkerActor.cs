@@ -97,10 +97,29 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         }
     }
 
+    /// <summary>
+    /// Step reports go out from rank 0 only (the coordinator shows rank 0) and at most every 200 ms: a display needs no
+    /// more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps every step.
+    /// </summary>
     sealed class Reporter(IActorRef self, long generation, int rank, Action<string> onCheckpoint) : ITrainingObserver
     {
-        public void OnStart(long firstStep, long lastStep) => self.Tell(new RankStarted(generation, rank, firstStep, lastStep));
-        public void OnStep(StepMetrics metrics) => self.Tell(new StepDone(generation, rank, metrics));
+        static readonly TimeSpan ReportInterval = TimeSpan.FromMilliseconds(200);
+        readonly System.Diagnostics.Stopwatch _sinceReport = System.Diagnostics.Stopwatch.StartNew();
+        long _lastStep;
+
+        public void OnStart(long firstStep, long lastStep)
+        {
+            _lastStep = lastStep;
+            self.Tell(new RankStarted(generation, rank, firstStep, lastStep));
+        }
+
+        public void OnStep(StepMetrics metrics)
+        {
+            if (rank != 0 || (_sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
+            _sinceReport.Restart();
+            self.Tell(new StepDone(generation, rank, metrics));
+        }
+
         public void OnEval(EvalResult result) => self.Tell(new EvalDone(generation, rank, result));
         public void OnCheckpoint(long step, string path) => onCheckpoint(path);
     }
