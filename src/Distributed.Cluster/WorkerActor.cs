@@ -77,9 +77,14 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             var links = new PeerLinks(_node, generation, assignment.Endpoints, transport);
             try
             {
-                var group = new ProcessGroup(links, groupId: 0, Enumerable.Range(0, assignment.Endpoints.Count).ToArray(),
-                    new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds) });
-                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, group);
+                var members = Enumerable.Range(0, assignment.Endpoints.Count).ToArray();
+                var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds) };
+                var dataParallel = new ProcessGroup(links, groupId: 0, members, options);
+                // Compressed gradients get a group of their own, so weights, losses and evaluations stay exact.
+                var gradients = spec.Cluster.Compression == "bf16"
+                    ? new ProcessGroup(links, groupId: 1, members, options with { Compression = Compression.BFloat16 })
+                    : dataParallel;
+                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, dataParallel, gradients);
                 string? lastCheckpoint = null;
                 trainer.Run(new Reporter(self, generation, rank, path => lastCheckpoint = path));
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step, lastCheckpoint));

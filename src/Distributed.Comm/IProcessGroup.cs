@@ -2,6 +2,9 @@ namespace Distributed.Comm;
 
 public enum ReduceOp { Sum, Mean }
 
+/// <summary>How reductions travel: exact float32, or bfloat16 (half the bytes; about 3 significant digits).</summary>
+public enum Compression { None, BFloat16 }
+
 /// <summary>
 /// Collectives among a set of ranks (the whole world or a subgroup: tensor-, data- or pipeline-parallel).
 /// Every member calls the same collectives in the same order. Every call has a deadline per received chunk
@@ -34,4 +37,10 @@ public sealed record CollectiveOptions
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
 
     public Kernels.IReductionKernels Kernels { get; init; } = Comm.Kernels.ReductionKernels.Default;
+
+    /// <summary>
+    /// Applies to all-reduce and reduce-scatter: chunks travel as bfloat16 and are accumulated in float32. The owner of
+    /// each reduced segment rounds it to bfloat16 too, so every rank still ends with the same bits.
+    /// </summary>
+    public Compression Compression { get; init; } = Compression.None;
 }

@@ -48,7 +48,8 @@ public sealed class ProcessGroup : IProcessGroup
         int n = Size;
         var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
         var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n, Rank)).ToList();
-        return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken);
+        return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
+            compressed: _options.Compression == Compression.BFloat16);
     }
 
     public async Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken cancellationToken = default)
@@ -58,7 +59,8 @@ public sealed class ProcessGroup : IProcessGroup
         if (output.Length != segments[Rank].Length)
             throw new ArgumentException($"reduce-scatter output has {output.Length} elements, rank {Rank}'s segment has {segments[Rank].Length}");
         var work = input.ToArray();   // the ring reduces in place; the caller's input stays as it was
-        await RunRing("reduce-scatter", work, segments, ReduceScatterSteps(n).ToList(), op == ReduceOp.Mean ? n - 2 : -1, cancellationToken).ConfigureAwait(false);
+        await RunRing("reduce-scatter", work, segments, ReduceScatterSteps(n).ToList(), op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
+            compressed: _options.Compression == Compression.BFloat16).ConfigureAwait(false);
         work.AsMemory(segments[Rank].Start, segments[Rank].Length).CopyTo(output);
     }
 
@@ -169,7 +171,8 @@ public sealed class ProcessGroup : IProcessGroup
     /// Runs ring steps with chunk pipelining. Step t+1 always sends the segment step t received, so the sender may
     /// send chunk c of step t+1 once the receiver has finished chunk c of step t: one credit per finished chunk.
     /// </summary>
-    async Task RunRing(string name, Memory<float> data, (int Start, int Length)[] segments, List<RingStep> steps, int scaleAfterStep, CancellationToken cancellationToken)
+    async Task RunRing(string name, Memory<float> data, (int Start, int Length)[] segments, List<RingStep> steps, int scaleAfterStep,
+        CancellationToken cancellationToken, bool compressed = false)
     {
         long op = _nextOp++;
         int n = Size;
@@ -188,6 +191,8 @@ public sealed class ProcessGroup : IProcessGroup
         using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         var kernels = _options.Kernels;
         float scale = 1f / n;
+        int wireBytes = compressed ? sizeof(ushort) : sizeof(float);
+        int lastReduceStep = steps.FindLastIndex(s => s.Reduce);
 
         async Task SendLoop()
         {
@@ -198,8 +203,19 @@ public sealed class ProcessGroup : IProcessGroup
                 {
                     if (t > 0) await credits.WaitAsync(failed.Token).ConfigureAwait(false);
                     var (start, length) = ChunkOf(segment, c);
-                    var bytes = AsBytes(data.Slice(start, length));
-                    await _links.SendAsync(right, Header(op, t * maxChunks + c, start * sizeof(float)), bytes, failed.Token).ConfigureAwait(false);
+                    var header = Header(op, t * maxChunks + c, start * sizeof(float));
+                    if (!compressed)
+                    {
+                        await _links.SendAsync(right, header, AsBytes(data.Slice(start, length)), failed.Token).ConfigureAwait(false);
+                        continue;
+                    }
+                    var packed = ArrayPool<ushort>.Shared.Rent(length);
+                    try
+                    {
+                        kernels.ToBFloat16(data.Span.Slice(start, length), packed.AsSpan(0, length));
+                        await _links.SendAsync(right, header, AsBytes(packed, length), failed.Token).ConfigureAwait(false);
+                    }
+                    finally { ArrayPool<ushort>.Shared.Return(packed); }
                 }
             }
         }
@@ -214,13 +230,26 @@ public sealed class ProcessGroup : IProcessGroup
                     var (start, length) = ChunkOf(segment, c);
                     using (var chunk = await Receive(left, op, t * maxChunks + c, failed.Token).ConfigureAwait(false))
                     {
-                        if (chunk.Payload.Length != length * sizeof(float))
-                            throw new InvalidDataException($"{name}: rank {left} sent {chunk.Payload.Length} bytes for a chunk of {length * sizeof(float)}; do all ranks pass buffers of the same size?");
-                        var incoming = MemoryMarshal.Cast<byte, float>(chunk.Payload.Span);
+                        if (chunk.Payload.Length != length * wireBytes)
+                            throw new InvalidDataException($"{name}: rank {left} sent {chunk.Payload.Length} bytes for a chunk of {length * wireBytes}; do all ranks pass buffers of the same size and options?");
                         var target = data.Span.Slice(start, length);
-                        if (steps[t].Reduce) kernels.Accumulate(target, incoming);
-                        else incoming.CopyTo(target);
-                        if (t == scaleAfterStep) kernels.Scale(target, scale);
+                        float[]? widened = null;
+                        try
+                        {
+                            ReadOnlySpan<float> incoming;
+                            if (compressed)
+                            {
+                                widened = ArrayPool<float>.Shared.Rent(length);
+                                kernels.FromBFloat16(MemoryMarshal.Cast<byte, ushort>(chunk.Payload.Span), widened.AsSpan(0, length));
+                                incoming = widened.AsSpan(0, length);
+                            }
+                            else incoming = MemoryMarshal.Cast<byte, float>(chunk.Payload.Span);
+                            if (steps[t].Reduce) kernels.Accumulate(target, incoming);
+                            else incoming.CopyTo(target);
+                            if (t == scaleAfterStep) kernels.Scale(target, scale);
+                            if (compressed && t == lastReduceStep) RoundToBFloat16(kernels, target);
+                        }
+                        finally { if (widened is not null) ArrayPool<float>.Shared.Return(widened); }
                     }
                     if (t + 1 < steps.Count) credits.Release();
                 }
@@ -267,20 +296,34 @@ public sealed class ProcessGroup : IProcessGroup
         await Task.WhenAll(notices).ConfigureAwait(false);
     }
 
+    /// <summary>The owner of a reduced segment keeps what the others will receive: its bfloat16 rounding.</summary>
+    static void RoundToBFloat16(Kernels.IReductionKernels kernels, Span<float> values)
+    {
+        var packed = ArrayPool<ushort>.Shared.Rent(values.Length);
+        try
+        {
+            kernels.ToBFloat16(values, packed.AsSpan(0, values.Length));
+            kernels.FromBFloat16(packed.AsSpan(0, values.Length), values);
+        }
+        finally { ArrayPool<ushort>.Shared.Return(packed); }
+    }
+
     static ReadOnlyMemory<byte> AsBytes(Memory<float> floats) =>
         MemoryMarshal.TryGetArray<float>(floats, out var segment)
-            ? new FloatBytes(segment.Array!, segment.Offset, segment.Count).Memory
+            ? new ArrayBytes<float>(segment.Array!, segment.Offset, segment.Count).Memory
             : MemoryMarshal.AsBytes(floats.Span).ToArray();
 
-    /// <summary>A byte view of part of a float array, without copying, for zero-copy sends.</summary>
-    sealed class FloatBytes(float[] array, int offset, int count) : MemoryManager<byte>
+    static ReadOnlyMemory<byte> AsBytes(ushort[] values, int count) => new ArrayBytes<ushort>(values, 0, count).Memory;
+
+    /// <summary>A byte view of part of an array, without copying, for zero-copy sends.</summary>
+    sealed class ArrayBytes<T>(T[] array, int offset, int count) : MemoryManager<byte> where T : unmanaged
     {
         public override Span<byte> GetSpan() => MemoryMarshal.AsBytes(array.AsSpan(offset, count));
 
         public override unsafe MemoryHandle Pin(int elementIndex = 0)
         {
             var handle = GCHandle.Alloc(array, GCHandleType.Pinned);   // freed when the MemoryHandle is disposed
-            byte* start = (byte*)handle.AddrOfPinnedObject() + (long)offset * sizeof(float) + elementIndex;
+            byte* start = (byte*)handle.AddrOfPinnedObject() + (long)offset * sizeof(T) + elementIndex;
             return new MemoryHandle(start, handle);
         }
 

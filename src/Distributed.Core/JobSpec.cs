@@ -21,9 +21,10 @@ public sealed record CheckpointSpec(int Every, int Keep);
 /// <summary>
 /// How the job spreads over worker processes. Transport picks what carries the bytes of collectives ("tcp": raw
 /// sockets negotiated over gRPC, "grpc": gRPC streams only); BucketMegabytes is the gradient bucket size (PyTorch
-/// DDP's 25 MB default); CollectiveTimeoutSeconds is how long a collective waits for a peer before naming it failed.
+/// DDP's 25 MB default); CollectiveTimeoutSeconds is how long a collective waits for a peer before naming it failed;
+/// Compression "bf16" sends gradients as bfloat16 (half the bytes, lossy), "none" sends float32.
 /// </summary>
-public sealed record ClusterSpec(int Workers, string Transport, double BucketMegabytes, double CollectiveTimeoutSeconds);
+public sealed record ClusterSpec(int Workers, string Transport, double BucketMegabytes, double CollectiveTimeoutSeconds, string Compression);
 
 /// <summary>Everything that defines one training job. Built from HOCON by the config loader.</summary>
 public sealed record JobSpec(
@@ -39,6 +40,8 @@ public sealed record JobSpec(
             throw new ConfigException($"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by 'train.grad-accum' ({Train.GradAccum})");
         if (Cluster.Transport is not ("shm" or "tcp" or "grpc"))
             throw new ConfigException($"config key 'cluster.transport' must be shm, tcp or grpc, got '{Cluster.Transport}'");
+        if (Cluster.Compression is not ("none" or "bf16"))
+            throw new ConfigException($"config key 'cluster.compression' must be none or bf16, got '{Cluster.Compression}'");
         if (Optimizer.MinLearningRate > Optimizer.LearningRate)
             throw new ConfigException($"config key 'optimizer.min-lr' ({Optimizer.MinLearningRate}) must not exceed 'optimizer.learning-rate' ({Optimizer.LearningRate})");
     }

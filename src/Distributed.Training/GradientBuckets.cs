@@ -8,7 +8,8 @@ namespace Distributed.Training;
 /// <summary>
 /// Gradients fused into buckets of about <c>bucketBytes</c> (PyTorch DDP's 25 MB default), in reverse parameter
 /// order as DDP does (the last layers' gradients are ready first). Each bucket is averaged over the data-parallel
-/// group; buckets go out concurrently. The step's loss rides in the last bucket, so logging costs no extra collective.
+/// group; buckets go out concurrently. The step's loss rides in the last bucket, so logging costs no extra collective
+/// (unless gradients travel compressed: then the loss takes the exact group).
 /// TorchSharp 0.107 has no per-parameter gradient hooks, so buckets start after backward, not during it.
 /// </summary>
 sealed class GradientBuckets
@@ -40,8 +41,8 @@ sealed class GradientBuckets
 
     public int Count => _buckets.Count;
 
-    /// <summary>Averages every gradient over the group in place; returns the group's mean of <paramref name="loss"/>.</summary>
-    public double AllReduceMean(IProcessGroup group, double loss, TimeSpan timeout)
+    /// <summary>Averages every gradient over <paramref name="gradients"/> in place; returns the mean of <paramref name="loss"/> over <paramref name="exact"/>.</summary>
+    public double AllReduceMean(IProcessGroup gradients, IProcessGroup exact, double loss, TimeSpan timeout)
     {
         foreach (var (parameters, staging) in _buckets)
         {
@@ -54,9 +55,12 @@ sealed class GradientBuckets
             }
         }
         _buckets[^1].Staging[^1] = (float)loss;
+        var separateLoss = new[] { (float)loss };
 
         using var deadline = new CancellationTokenSource(timeout * 4);
-        Task.WhenAll(_buckets.Select(b => group.AllReduceAsync(b.Staging, ReduceOp.Mean, deadline.Token))).GetAwaiter().GetResult();
+        var reductions = _buckets.Select(b => gradients.AllReduceAsync(b.Staging, ReduceOp.Mean, deadline.Token)).ToList();
+        if (!ReferenceEquals(gradients, exact)) reductions.Add(exact.AllReduceAsync(separateLoss, ReduceOp.Mean, deadline.Token));
+        Task.WhenAll(reductions).GetAwaiter().GetResult();
 
         foreach (var (parameters, staging) in _buckets)
         {
@@ -68,6 +72,6 @@ sealed class GradientBuckets
                 offset += grad.Length;
             }
         }
-        return _buckets[^1].Staging[^1];
+        return ReferenceEquals(gradients, exact) ? _buckets[^1].Staging[^1] : separateLoss[0];
     }
 }

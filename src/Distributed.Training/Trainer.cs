@@ -30,14 +30,17 @@ public sealed class Trainer : IDisposable
     readonly TextCorpus _corpus;
     readonly BatchSampler _trainSampler, _trainEvalSampler, _valSampler;
     readonly AdamW _optimizer;
-    readonly IProcessGroup? _dataParallel;
+    readonly IProcessGroup? _dataParallel, _gradients;
     GradientBuckets? _buckets;
 
-    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, IProcessGroup? dataParallel = null)
+    /// <param name="dataParallel">the data-parallel group (exact float32 collectives)</param>
+    /// <param name="gradients">the group gradients are averaged over; defaults to <paramref name="dataParallel"/> (a compressed one may be given)</param>
+    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, IProcessGroup? dataParallel = null, IProcessGroup? gradients = null)
     {
         _spec = spec;
         _logger = logger;
         _dataParallel = dataParallel;
+        _gradients = gradients ?? dataParallel;
         spec.ValidateDataParallel(DataParallelSize);
         torch.set_num_threads(spec.Threads > 0 ? spec.Threads : Environment.ProcessorCount);
 
@@ -147,7 +150,7 @@ public sealed class Trainer : IDisposable
         {
             _buckets ??= new GradientBuckets(Model.parameters().ToList(), (long)(_spec.Cluster.BucketMegabytes * 1_000_000));
             var reduceClock = Stopwatch.StartNew();
-            loss = _buckets.AllReduceMean(_dataParallel, loss, TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds));
+            loss = _buckets.AllReduceMean(_gradients!, _dataParallel, loss, TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds));
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }

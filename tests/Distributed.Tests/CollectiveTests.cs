@@ -124,6 +124,23 @@ public class CollectiveTests
         Assert.True(clock.Elapsed < timeout + TimeSpan.FromSeconds(3), $"took {clock.Elapsed}");
     }
 
+    [Theory]
+    [InlineData(2, TransportKind.SharedMemory)]
+    [InlineData(3, TransportKind.Tcp)]
+    [InlineData(4, TransportKind.Grpc)]
+    public async Task Bf16CompressedAllReduceIsCloseToExactAndIdenticalOnEveryRank(int n, TransportKind transport)
+    {
+        await using var world = await World.StartAsync(n, transport, new CollectiveOptions { ChunkBytes = 4096, Compression = Compression.BFloat16 });
+        int length = 50_001;
+        // Values with full float32 mantissas, so bfloat16 really has to round.
+        var buffers = Enumerable.Range(0, n).Select(r => Enumerable.Range(0, length).Select(i => 1.5f + MathF.Sin(i * 0.37f + r)).ToArray()).ToArray();
+        var exact = Enumerable.Range(0, length).Select(i => Enumerable.Range(0, n).Sum(r => (double)buffers[r][i]) / n).ToArray();
+        await Task.WhenAll(world.Groups.Select((g, r) => g.AllReduceAsync(buffers[r], ReduceOp.Mean)));
+        for (int r = 0; r < n; r++) Assert.Equal(buffers[0], buffers[r]);   // lossy, but the same bits everywhere
+        double worst = Enumerable.Range(0, length).Max(i => Math.Abs(buffers[0][i] - exact[i]) / Math.Max(1e-3, Math.Abs(exact[i])));
+        Assert.InRange(worst, 1e-9, 0.05);   // bfloat16 keeps 8 bits of mantissa; (n-1) roundings on the way
+    }
+
     [Fact]
     public async Task TrafficOfAnotherGenerationIsRejected()
     {

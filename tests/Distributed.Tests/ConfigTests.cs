@@ -48,6 +48,8 @@ public class ConfigTests
     [InlineData("model { dropout = 1.5 }", "config key 'model.dropout' is out of range: 1.5", null)]
     [InlineData("model { n-embd = 130 }", "config key 'model.n-embd' (130) must be divisible by 'model.n-head' (4)", null)]
     [InlineData("train { batch-size = 12, grad-accum = 5 }", "config key 'train.batch-size' (12) must be divisible by 'train.grad-accum' (5)", null)]
+    [InlineData("cluster { compression = fp8 }", "config key 'cluster.compression' must be none or bf16, got 'fp8'", null)]
+    [InlineData("cluster { transport = udp }", "config key 'cluster.transport' must be shm, tcp or grpc, got 'udp'", null)]
     [InlineData("model { n-layer = ${missing} }", "is not valid HOCON: Unresolved substitution: missing", null)]
     public void BadConfigNamesTheKey(string hocon, string expected, string? hint)
     {

@@ -56,4 +56,23 @@ public class DataParallelTests
         Assert.True(last.GetProperty("allreduce_bytes").GetInt64() > 0);
         Assert.True(last.GetProperty("allreduce_ms").GetDouble() > 0);
     }
+
+    [Fact]
+    public void Bf16CompressedGradientsTrainCloseToTheExactRun()
+    {
+        string single = TestSupport.TempDir("bf16-1"), parallel = TestSupport.TempDir("bf16-2");
+        using (var trainer = new Trainer(TestSupport.TinyJob(single, Job), TestSupport.Logger)) trainer.Run(new Quiet());
+        var args = new List<string> { "train", "--workers", "2", "--config", Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf") };
+        foreach (var kv in TestSupport.TinyJobOverrides(parallel).Concat(Job).Append("cluster.compression=bf16")) { args.Add("--set"); args.Add(kv); }
+        var run = TestSupport.RunCli(parallel, [.. args]);
+        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        var expected = Losses(single);
+        var actual = Losses(parallel);
+        Assert.Equal(expected[0], actual[0], 4);   // step 1's loss comes before any compressed gradient
+        for (int i = 0; i < expected.Length; i++)
+            Assert.True(Math.Abs(actual[i] - expected[i]) <= 0.02 * expected[i], $"step {i + 1}: {actual[i]} vs exact {expected[i]}");
+        Assert.NotEqual(expected, actual);   // the compression really happened
+        var last = JsonDocument.Parse(File.ReadAllLines(Path.Combine(parallel, "metrics.jsonl"))[^1]).RootElement;
+        Assert.True(last.GetProperty("allreduce_bytes").GetInt64() > 0);
+    }
 }

@@ -55,6 +55,7 @@ public static class JobConfigLoader
         new("cluster.transport", Kind.String, "shm"),
         new("cluster.bucket-mb", Kind.Double, "25", 0.001, 4096),
         new("cluster.collective-timeout", Kind.Double, "30", 0.1, 86400),
+        new("cluster.compression", Kind.String, "none"),
     ];
 
     /// <summary>Loads <paramref name="path"/> and applies overrides of the form <c>key=value</c>.</summary>
@@ -116,7 +117,7 @@ public static class JobConfigLoader
                 D("optimizer.beta1"), D("optimizer.beta2"), D("optimizer.eps"), D("optimizer.weight-decay"), D("optimizer.grad-clip")),
             Train: new TrainSpec(I("train.batch-size"), I("train.grad-accum"), I("train.max-iters"), I("train.eval-interval"), I("train.eval-iters"), I("train.log-interval")),
             Checkpoint: new CheckpointSpec(I("checkpoint.every"), I("checkpoint.keep")),
-            Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout")));
+            Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout"), S("cluster.compression")));
         spec.Validate();
         return spec;
     }
@@ -135,7 +136,7 @@ public static class JobConfigLoader
             $"beta1 = {F(o.Beta1)}, beta2 = {F(o.Beta2)}, eps = {F(o.Eps)}, weight-decay = {F(o.WeightDecay)}, grad-clip = {F(o.GradClip)} }}",
             $"train {{ batch-size = {t.BatchSize}, grad-accum = {t.GradAccum}, max-iters = {t.MaxIters}, eval-interval = {t.EvalInterval}, eval-iters = {t.EvalIters}, log-interval = {t.LogInterval} }}",
             $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}",
-            $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)} }}") + "\n";
+            $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)} }}") + "\n";
     }
 
     static double Number(Key key, string raw)
