@@ -24,11 +24,12 @@ static class ClusterJob
         cluster.Join(cluster.SelfAddress);   // the coordinator is the seed
         string seed = $"{cluster.SelfAddress.Host}:{cluster.SelfAddress.Port}";
         logger.LogInformation("Coordinator at akka.tcp://{System}@{Seed}, waiting for {Workers} workers", ClusterBootstrap.SystemName, seed, workers);
+        // Disposed after the actor system has stopped: workers told to shut down get a moment to exit by themselves.
+        using var processes = spawnWorkers ? new WorkerProcesses(workers, seed) : null;
         try
         {
             var coordinator = ClusterRoles.StartCoordinator(system, JobConfigLoader.ToHocon(spec), workers, resumeFrom);
             var events = JobEvents.Subscribe(system, coordinator);
-            using var processes = spawnWorkers ? new WorkerProcesses(workers, seed) : null;
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             var workerExit = processes?.FirstUnexpectedExit(stop.Token) ?? Task.Delay(Timeout.Infinite, stop.Token).ContinueWith(_ => "");
             var registration = Task.Delay(spawnWorkers ? RegistrationTimeout : Timeout.InfiniteTimeSpan, stop.Token);
@@ -75,8 +76,9 @@ static class ClusterJob
         }
         finally
         {
-            // The whole cluster ends with the job: no graceful leave to wait for.
-            await system.Terminate().WaitAsync(TimeSpan.FromSeconds(10)).ContinueWith(_ => { });
+            // The whole cluster ends with the job: no graceful leave to wait for (Akka's remoting shutdown would
+            // otherwise hold the launcher for its full timeout, about 9 s).
+            await system.Terminate().WaitAsync(TimeSpan.FromSeconds(1)).ContinueWith(_ => { });
         }
     }
 }

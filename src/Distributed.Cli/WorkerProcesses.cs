@@ -57,10 +57,14 @@ sealed class WorkerProcesses : IDisposable
 
     public void Dispose()
     {
+        var grace = System.Diagnostics.Stopwatch.StartNew();
         foreach (var (process, _) in _workers)
         {
             try
             {
+                // A worker that was told to stop gets up to 3 s (in total) to exit by itself; then it is killed.
+                var left = TimeSpan.FromSeconds(3) - grace.Elapsed;
+                if (left > TimeSpan.Zero) process.WaitForExit(left);
                 if (!process.HasExited) process.Kill(entireProcessTree: true);
                 process.WaitForExit(5000);
             }
