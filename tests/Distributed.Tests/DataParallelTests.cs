@@ -75,4 +75,32 @@ public class DataParallelTests
         var last = JsonDocument.Parse(File.ReadAllLines(Path.Combine(parallel, "metrics.jsonl"))[^1]).RootElement;
         Assert.True(last.GetProperty("allreduce_bytes").GetInt64() > 0);
     }
+
+    [Fact]
+    public void AClusterRunResumesWithAnotherWorkerCount()
+    {
+        string resumed = TestSupport.TempDir("resume-dp"), straight = TestSupport.TempDir("straight-dp");
+        string config = Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf");
+        string[] Args(string dir, int workers, int iters, bool resume)
+        {
+            var args = new List<string> { "train", "--workers", $"{workers}", "--config", config };
+            if (resume) args.Add("--resume");
+            foreach (var kv in TestSupport.TinyJobOverrides(dir).Concat(Job).Append($"train.max-iters={iters}")) { args.Add("--set"); args.Add(kv); }
+            return [.. args];
+        }
+        foreach (var (dir, workers, iters, resume) in new[] { (resumed, 2, 10, false), (resumed, 3, 20, true), (straight, 2, 20, false) })
+        {
+            var run = TestSupport.RunCli(dir, Args(dir, workers, iters, resume));
+            Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        }
+        var expected = Losses(straight);
+        var actual = Losses(resumed);
+        Assert.Equal(20, actual.Length);
+        for (int i = 0; i < 20; i++)
+            Assert.True(Math.Abs(actual[i] - expected[i]) <= 1e-5 * expected[i], $"step {i + 1}: {actual[i]} vs uninterrupted {expected[i]}");
+        using var a = CheckpointFiles.Load(Path.Combine(resumed, "checkpoints", CheckpointFiles.FileName(20)));
+        using var b = CheckpointFiles.Load(Path.Combine(straight, "checkpoints", CheckpointFiles.FileName(20)));
+        foreach (var (name, tensor) in a.Tensors)
+            Assert.True((tensor - b.Tensors[name]).abs().max().item<float>() <= 1e-4, $"{name} differs");
+    }
 }
