@@ -20,6 +20,18 @@ public sealed class PeerLinks : IAsyncDisposable
     readonly CancellationTokenSource _closing = new();
     bool _disposed;
 
+    /// <summary>Ends an outgoing stream politely if the peer still listens, within 2 s either way.</summary>
+    static async Task CloseQuietly(AsyncClientStreamingCall<TensorChunk, ExchangeSummary> call)
+    {
+        try
+        {
+            using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+            await call.RequestStream.CompleteAsync().WaitAsync(quick.Token).ConfigureAwait(false);
+        }
+        catch (Exception) { }   // the peer is gone: nothing to close
+        call.Dispose();
+    }
+
     abstract class Link : IAsyncDisposable
     {
         public abstract Task WriteAsync(ChunkHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken);
@@ -37,13 +49,7 @@ public sealed class PeerLinks : IAsyncDisposable
 
         public override async ValueTask DisposeAsync()
         {
-            try
-            {
-                using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
-                await call.RequestStream.CompleteAsync().WaitAsync(quick.Token).ConfigureAwait(false);
-            }
-            catch (Exception) { }
-            call.Dispose();
+            await CloseQuietly(call).ConfigureAwait(false);
             channel.Dispose();
         }
     }
@@ -85,13 +91,7 @@ public sealed class PeerLinks : IAsyncDisposable
 
         public override async ValueTask DisposeAsync()
         {
-            try
-            {
-                using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
-                await liveness.RequestStream.CompleteAsync().WaitAsync(quick.Token).ConfigureAwait(false);
-            }
-            catch (Exception) { }
-            liveness.Dispose();
+            await CloseQuietly(liveness).ConfigureAwait(false);
             ring.Dispose();
             channel.Dispose();
         }
