@@ -47,7 +47,7 @@ public sealed class ProcessGroup : IProcessGroup
     {
         int n = Size;
         var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
-        var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n, Rank)).ToList();
+        var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n)).ToList();
         return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
             compressed: _options.Compression == Compression.BFloat16);
     }
@@ -71,7 +71,7 @@ public sealed class ProcessGroup : IProcessGroup
             throw new ArgumentException($"all-gather output has {all.Length} elements, expected {n} x {mine.Length}");
         var segments = Enumerable.Range(0, n).Select(i => (i * mine.Length, mine.Length)).ToArray();
         mine.CopyTo(all[(Rank * mine.Length)..]);
-        return RunRing("all-gather", all, segments, AllGatherSteps(n, Rank, ownSegment: Rank).ToList(), -1, cancellationToken);
+        return RunRing("all-gather", all, segments, AllGatherSteps(n).ToList(), -1, cancellationToken);
     }
 
     public async Task BroadcastAsync(Memory<byte> data, int root, CancellationToken cancellationToken = default)
@@ -157,12 +157,11 @@ public sealed class ProcessGroup : IProcessGroup
             yield return new RingStep(Mod(Rank - t - 1, n), Mod(Rank - t - 2, n), Reduce: true);
     }
 
-    // All-gather starting from member r holding segment ownSegment (= r).
-    IEnumerable<RingStep> AllGatherSteps(int n, int rank, int? ownSegment = null)
+    // All-gather starting from member r holding segment r.
+    IEnumerable<RingStep> AllGatherSteps(int n)
     {
-        int own = ownSegment ?? rank;
         for (int t = 0; t < n - 1; t++)
-            yield return new RingStep(Mod(own - t, n), Mod(own - t - 1, n), Reduce: false);
+            yield return new RingStep(Mod(Rank - t, n), Mod(Rank - t - 1, n), Reduce: false);
     }
 
     static int Mod(int a, int n) => ((a % n) + n) % n;
