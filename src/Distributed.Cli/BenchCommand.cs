@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Diagnostics;
-using System.Reflection;
 using System.Text.Json;
 using Distributed.Comm;
 using Distributed.Comm.Kernels;
@@ -43,11 +42,8 @@ static class BenchCommand
             rendezvous = Directory.CreateTempSubdirectory("dtrain-allreduce-").FullName;
             for (int r = 1; r < n; r++)
             {
-                var info = new ProcessStartInfo(Environment.ProcessPath!);
-                if (Path.GetFileNameWithoutExtension(Environment.ProcessPath!) == "dotnet") info.ArgumentList.Add(Assembly.GetEntryAssembly()!.Location);
-                foreach (var a in new[] { "bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}", "--transport", transport, "--rank", $"{r}", "--rendezvous", rendezvous })
-                    info.ArgumentList.Add(a);
-                children.Add(Process.Start(info)!);
+                children.Add(Process.Start(SelfProcess.StartInfo("bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}",
+                    "--transport", transport, "--rank", $"{r}", "--rendezvous", rendezvous))!);
             }
         }
         try
@@ -101,7 +97,14 @@ static class BenchCommand
         }
         finally
         {
-            foreach (var c in children) { await c.WaitForExitAsync(ct); c.Dispose(); }
+            foreach (var c in children)
+            {
+                using var deadline = CancellationTokenSource.CreateLinkedTokenSource(ct);
+                deadline.CancelAfter(TimeSpan.FromSeconds(30));
+                try { await c.WaitForExitAsync(deadline.Token); }
+                catch (OperationCanceledException) { c.Kill(entireProcessTree: true); }
+                c.Dispose();
+            }
             if (rank == 0) Directory.Delete(rendezvous, recursive: true);
         }
     }

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Reflection;
 
 namespace Distributed.Cli;
 
@@ -15,11 +14,9 @@ sealed class WorkerProcesses : IDisposable
     {
         for (int i = 0; i < count; i++)
         {
-            var info = new ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-            // Under `dotnet dtrain.dll` (dotnet run, tests) the host is dotnet and the program is the entry assembly.
-            if (Path.GetFileNameWithoutExtension(Environment.ProcessPath!) == "dotnet")
-                info.ArgumentList.Add(Assembly.GetEntryAssembly()!.Location);
-            foreach (var a in new[] { "worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString() }) info.ArgumentList.Add(a);
+            var info = SelfProcess.StartInfo("worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString());
+            info.RedirectStandardOutput = true;
+            info.RedirectStandardError = true;
             info.Environment["DOTNET_gcServer"] = "0";
             var process = Process.Start(info) ?? throw new InvalidOperationException("could not start a worker process");
             var tail = new Queue<string>();

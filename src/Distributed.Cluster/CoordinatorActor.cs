@@ -68,16 +68,16 @@ public sealed class CoordinatorActor : ReceiveActor
         {
             _finished.Add(m.Rank);
             _lastCheckpoint = m.FinalCheckpoint ?? _lastCheckpoint;   // rank 0 writes checkpoints
-            if (_finished.Count == _workers.Count) End(new JobCompleted(m.Step, _lastCheckpoint), "job completed");
+            if (_finished.Count == _workers.Count) End(new JobCompleted(m.Step, _lastCheckpoint));
         });
         Receive<WorkerFailed>(m => m.Generation == _generation, m => End(new JobFailed(m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
             ? $"rank {lost} ({Describe(lost)}) was lost: {m.Reason} (reported by rank {m.Rank})"
-            : $"rank {m.Rank} ({Describe(m.Rank)}) failed: {m.Reason}"), "job failed"));
+            : $"rank {m.Rank} ({Describe(m.Rank)}) failed: {m.Reason}")));
         Receive<Terminated>(t =>
         {
             int rank = _workers.FindIndex(w => w.Worker.Equals(t.ActorRef));
             if (rank >= 0 && !_finished.Contains(rank))
-                End(new JobFailed($"rank {rank} ({Describe(rank)}) left the cluster"), "job failed");
+                End(new JobFailed($"rank {rank} ({Describe(rank)}) left the cluster"));
         });
         ReceiveAny(_ => { });   // reports of an older generation
     }
@@ -86,12 +86,13 @@ public sealed class CoordinatorActor : ReceiveActor
 
     string Describe(int rank) => $"worker pid {_workers[rank].ProcessId} on {_workers[rank].Host}";
 
-    void End(JobEvent outcome, string reason)
+    void End(JobEvent outcome)
     {
+        string reason = outcome is JobFailed failed ? failed.Reason : "job completed";
         if (_ended) return;
         _ended = true;
         Publish(outcome);
-        foreach (var w in _workers) w.Worker.Tell(new Shutdown(reason));
+        foreach (var w in _workers) w.Worker.Tell(new Shutdown(outcome is JobCompleted, reason));
         Become(() =>
         {
             Receive<SubscribeToJob>(m => { _subscribers.Add(m.Subscriber); m.Subscriber.Tell(outcome); });

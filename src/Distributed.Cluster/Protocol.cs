@@ -24,7 +24,7 @@ public sealed record WorkerFinished(long Generation, int Rank, long Step, string
 public sealed record WorkerFailed(long Generation, int Rank, string Reason, int? FailedPeer);
 
 /// <summary>Coordinator -> workers: the job is over; stop.</summary>
-public sealed record Shutdown(string Reason);
+public sealed record Shutdown(bool JobCompleted, string Reason);
 
 /// <summary>Anyone -> coordinator: send me the job's events (<see cref="JobEvent"/>s).</summary>
 public sealed record SubscribeToJob(IActorRef Subscriber);

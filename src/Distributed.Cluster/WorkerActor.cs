@@ -42,7 +42,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<Shutdown>(m =>
         {
             _log.Info("Shutting down: {0}", m.Reason);
-            _exitCode.TrySetResult(m.Reason == "job completed" ? 0 : 1);
+            _exitCode.TrySetResult(m.JobCompleted ? 0 : 1);
         });
     }
 

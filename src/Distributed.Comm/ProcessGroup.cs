@@ -77,30 +77,13 @@ public sealed class ProcessGroup : IProcessGroup
     public async Task BroadcastAsync(Memory<byte> data, int root, CancellationToken cancellationToken = default)
     {
         long op = _nextOp++;
-        int chunk = _options.ChunkBytes;
-        int chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
         try
         {
             if (Rank == root)
-            {
-                var sends = Enumerable.Range(0, Size).Where(r => r != root).Select(async r =>
-                {
-                    for (int c = 0; c < chunks; c++)
-                    {
-                        int start = c * chunk, length = Math.Min(chunk, data.Length - start);
-                        await _links.SendAsync(_members[r], Header(op, c, start), data.Slice(start, length), cancellationToken).ConfigureAwait(false);
-                    }
-                });
-                await Task.WhenAll(sends).ConfigureAwait(false);
-            }
+                await Task.WhenAll(Enumerable.Range(0, Size).Where(r => r != root)
+                    .Select(r => SendChunks(r, op, data, cancellationToken))).ConfigureAwait(false);
             else
-            {
-                for (int c = 0; c < chunks; c++)
-                {
-                    using var received = await Receive(root, op, c, cancellationToken).ConfigureAwait(false);
-                    received.Payload.Span.CopyTo(data.Span[(c * chunk)..]);
-                }
-            }
+                await ReceiveChunks(root, op, data, cancellationToken).ConfigureAwait(false);
         }
         catch (PeerFailedException e)
         {
@@ -113,26 +96,32 @@ public sealed class ProcessGroup : IProcessGroup
         AllReduceAsync(new float[Math.Max(1, Size)], ReduceOp.Sum, cancellationToken);
 
     /// <summary>Point to point; ops are numbered per (sender, receiver) pair so other members need not take part.</summary>
-    public async Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+    public Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
+        SendChunks(destination, PointToPointOpBase - Next(_sendCount, destination), data, cancellationToken);
+
+    public Task ReceiveAsync(int source, Memory<byte> data, CancellationToken cancellationToken = default) =>
+        ReceiveChunks(source, PointToPointOpBase - Next(_receiveCount, source), data, cancellationToken);
+
+    /// <summary>Sends a buffer to one member in ChunkBytes pieces (one piece when empty).</summary>
+    async Task SendChunks(int member, long op, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
-        long op = PointToPointOpBase - Next(_sendCount, destination);
         int chunk = _options.ChunkBytes, chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
         for (int c = 0; c < chunks; c++)
         {
             int start = c * chunk, length = Math.Min(chunk, data.Length - start);
-            await _links.SendAsync(_members[destination], Header(op, c, start), data.Slice(start, length), cancellationToken).ConfigureAwait(false);
+            await _links.SendAsync(_members[member], Header(op, c, start), data.Slice(start, length), cancellationToken).ConfigureAwait(false);
         }
     }
 
-    public async Task ReceiveAsync(int source, Memory<byte> data, CancellationToken cancellationToken = default)
+    /// <summary>Receives what <see cref="SendChunks"/> sent into a buffer of the same size.</summary>
+    async Task ReceiveChunks(int member, long op, Memory<byte> data, CancellationToken cancellationToken)
     {
-        long op = PointToPointOpBase - Next(_receiveCount, source);
         int chunk = _options.ChunkBytes, chunks = Math.Max(1, (data.Length + chunk - 1) / chunk);
         for (int c = 0; c < chunks; c++)
         {
-            using var received = await Receive(source, op, c, cancellationToken).ConfigureAwait(false);
+            using var received = await Receive(member, op, c, cancellationToken).ConfigureAwait(false);
             if (received.Payload.Length != Math.Min(chunk, data.Length - c * chunk))
-                throw new InvalidDataException($"rank {source} sent {received.Payload.Length} bytes in chunk {c}; the receive expects a buffer of {data.Length}");
+                throw new InvalidDataException($"rank {member} sent {received.Payload.Length} bytes in chunk {c}; this rank expects a buffer of {data.Length}");
             received.Payload.Span.CopyTo(data.Span[(c * chunk)..]);
         }
     }

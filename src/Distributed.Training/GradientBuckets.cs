@@ -41,8 +41,38 @@ sealed class GradientBuckets
 
     public int Count => _buckets.Count;
 
-    /// <summary>Averages every gradient over <paramref name="gradients"/> in place; returns the mean of <paramref name="loss"/> over <paramref name="exact"/>.</summary>
-    public double AllReduceMean(IProcessGroup gradients, IProcessGroup exact, double loss, TimeSpan timeout)
+    readonly float[] _separateLoss = new float[1];
+
+    // Pack and Unpack touch tensors, so they run on the training thread (TorchSharp's dispose scopes are per
+    // thread); only Reduce crosses threads, and it touches nothing but the bucket arrays.
+
+    /// <summary>Copies the gradients and this rank's loss into the buckets.</summary>
+    public void Pack(double loss)
+    {
+        CopyGradients(toStaging: true);
+        _buckets[^1].Staging[^1] = _separateLoss[0] = (float)loss;
+    }
+
+    /// <summary>Averages the buckets over <paramref name="gradients"/>, and the loss over <paramref name="exact"/> when they differ.</summary>
+    public Task ReduceAsync(IProcessGroup gradients, IProcessGroup exact, CancellationToken cancellationToken)
+    {
+        _lossTravelsExact = !ReferenceEquals(gradients, exact);
+        var reductions = _buckets.Select(b => gradients.AllReduceAsync(b.Staging, ReduceOp.Mean, cancellationToken)).ToList();
+        if (_lossTravelsExact) reductions.Add(exact.AllReduceAsync(_separateLoss, ReduceOp.Mean, cancellationToken));
+        return Task.WhenAll(reductions);
+    }
+
+    bool _lossTravelsExact;
+
+    /// <summary>Copies the averaged gradients back; returns the group's mean loss.</summary>
+    public double Unpack()
+    {
+        CopyGradients(toStaging: false);
+        return _lossTravelsExact ? _separateLoss[0] : _buckets[^1].Staging[^1];
+    }
+
+    /// <summary>Gradients into the bucket buffers, or back out of them.</summary>
+    void CopyGradients(bool toStaging)
     {
         foreach (var (parameters, staging) in _buckets)
         {
@@ -50,28 +80,10 @@ sealed class GradientBuckets
             foreach (var p in parameters)
             {
                 var grad = MemoryMarshal.Cast<byte, float>(p.grad!.bytes);
-                grad.CopyTo(staging.AsSpan(offset));
+                if (toStaging) grad.CopyTo(staging.AsSpan(offset));
+                else staging.AsSpan(offset, grad.Length).CopyTo(grad);
                 offset += grad.Length;
             }
         }
-        _buckets[^1].Staging[^1] = (float)loss;
-        var separateLoss = new[] { (float)loss };
-
-        using var deadline = new CancellationTokenSource(timeout * 4);
-        var reductions = _buckets.Select(b => gradients.AllReduceAsync(b.Staging, ReduceOp.Mean, deadline.Token)).ToList();
-        if (!ReferenceEquals(gradients, exact)) reductions.Add(exact.AllReduceAsync(separateLoss, ReduceOp.Mean, deadline.Token));
-        Task.WhenAll(reductions).GetAwaiter().GetResult();
-
-        foreach (var (parameters, staging) in _buckets)
-        {
-            int offset = 0;
-            foreach (var p in parameters)
-            {
-                var grad = MemoryMarshal.Cast<byte, float>(p.grad!.bytes);
-                staging.AsSpan(offset, grad.Length).CopyTo(grad);
-                offset += grad.Length;
-            }
-        }
-        return ReferenceEquals(gradients, exact) ? _buckets[^1].Staging[^1] : separateLoss[0];
     }
 }

@@ -116,7 +116,6 @@ public sealed class Trainer : IDisposable
             }
             if (IsLeader && (Step % _spec.Checkpoint.Every == 0 || Step == last))
             {
-                metrics.Flush();
                 string path = SaveCheckpoint();
                 observer.OnCheckpoint(Step, path);
             }
@@ -150,7 +149,9 @@ public sealed class Trainer : IDisposable
         {
             _buckets ??= new GradientBuckets(Model.parameters().ToList(), (long)(_spec.Cluster.BucketMegabytes * 1_000_000));
             var reduceClock = Stopwatch.StartNew();
-            loss = _buckets.AllReduceMean(_gradients!, _dataParallel, loss, TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds));
+            _buckets.Pack(loss);
+            Collective(ct => _buckets.ReduceAsync(_gradients!, _dataParallel, ct));
+            loss = _buckets.Unpack();
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }
@@ -189,7 +190,10 @@ public sealed class Trainer : IDisposable
         return new EvalResult(Step, sums[0] / _spec.Train.EvalIters, sums[1] / _spec.Train.EvalIters);
     }
 
-    /// <summary>Runs a collective from the training thread, bounded by the job's collective deadline.</summary>
+    /// <summary>
+    /// Runs collectives from the training thread (which may block: it is not an actor's), bounded by a deadline
+    /// for the whole operation on top of the per-chunk one the process group enforces.
+    /// </summary>
     void Collective(Func<CancellationToken, Task> operation)
     {
         using var deadline = new CancellationTokenSource(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));

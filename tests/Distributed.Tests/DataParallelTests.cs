@@ -31,9 +31,7 @@ public class DataParallelTests
         string single = TestSupport.TempDir("dp1"), parallel = TestSupport.TempDir($"dp{workers}");
         using (var trainer = new Trainer(TestSupport.TinyJob(single, Job), TestSupport.Logger)) trainer.Run(new Quiet());
 
-        var args = new List<string> { "train", "--workers", workers.ToString(), "--config", Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf") };
-        foreach (var kv in TestSupport.TinyJobOverrides(parallel).Concat(Job).Append($"cluster.transport={transport}")) { args.Add("--set"); args.Add(kv); }
-        var run = TestSupport.RunCli(parallel, [.. args]);
+        var run = TestSupport.RunCli(parallel, TestSupport.TrainArgs(parallel, workers, Job.Append($"cluster.transport={transport}")));
         Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
         Assert.Contains("val loss", run.Stdout);
 
@@ -62,9 +60,7 @@ public class DataParallelTests
     {
         string single = TestSupport.TempDir("bf16-1"), parallel = TestSupport.TempDir("bf16-2");
         using (var trainer = new Trainer(TestSupport.TinyJob(single, Job), TestSupport.Logger)) trainer.Run(new Quiet());
-        var args = new List<string> { "train", "--workers", "2", "--config", Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf") };
-        foreach (var kv in TestSupport.TinyJobOverrides(parallel).Concat(Job).Append("cluster.compression=bf16")) { args.Add("--set"); args.Add(kv); }
-        var run = TestSupport.RunCli(parallel, [.. args]);
+        var run = TestSupport.RunCli(parallel, TestSupport.TrainArgs(parallel, 2, Job.Append("cluster.compression=bf16")));
         Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
         var expected = Losses(single);
         var actual = Losses(parallel);
@@ -80,17 +76,9 @@ public class DataParallelTests
     public void AClusterRunResumesWithAnotherWorkerCount()
     {
         string resumed = TestSupport.TempDir("resume-dp"), straight = TestSupport.TempDir("straight-dp");
-        string config = Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf");
-        string[] Args(string dir, int workers, int iters, bool resume)
-        {
-            var args = new List<string> { "train", "--workers", $"{workers}", "--config", config };
-            if (resume) args.Add("--resume");
-            foreach (var kv in TestSupport.TinyJobOverrides(dir).Concat(Job).Append($"train.max-iters={iters}")) { args.Add("--set"); args.Add(kv); }
-            return [.. args];
-        }
         foreach (var (dir, workers, iters, resume) in new[] { (resumed, 2, 10, false), (resumed, 3, 20, true), (straight, 2, 20, false) })
         {
-            var run = TestSupport.RunCli(dir, Args(dir, workers, iters, resume));
+            var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, workers, Job.Append($"train.max-iters={iters}"), resume));
             Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
         }
         var expected = Losses(straight);

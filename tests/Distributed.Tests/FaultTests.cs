@@ -20,12 +20,8 @@ public partial class FaultTests
     {
         var info = new ProcessStartInfo("dotnet") { WorkingDirectory = dir, RedirectStandardOutput = true, RedirectStandardError = true };
         info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "dtrain.dll"));
-        foreach (var a in new[] { "train", "--workers", $"{workers}", "--config", Path.Combine(TestSupport.RepoRoot, "cluster-config", "shakespeare-char.conf") }) info.ArgumentList.Add(a);
-        foreach (var kv in TestSupport.TinyJobOverrides(dir).Concat(["train.batch-size=12", "train.max-iters=100000", "cluster.collective-timeout=5", "train.log-interval=1"]))
-        {
-            info.ArgumentList.Add("--set");
-            info.ArgumentList.Add(kv);
-        }
+        foreach (var a in TestSupport.TrainArgs(dir, workers, ["train.batch-size=12", "train.max-iters=100000", "cluster.collective-timeout=5", "train.log-interval=1"]))
+            info.ArgumentList.Add(a);
         info.Environment["CI"] = "true";
         var launcher = Process.Start(info)!;
         var stderr = launcher.StandardError.ReadToEndAsync();

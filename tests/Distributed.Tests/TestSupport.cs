@@ -39,6 +39,15 @@ static class TestSupport
 
     public static readonly NullLogger Logger = NullLogger.Instance;
 
+    /// <summary>Arguments of `dtrain train --workers N` on the tiny job in <paramref name="runDir"/>, plus overrides.</summary>
+    public static string[] TrainArgs(string runDir, int workers, IEnumerable<string> overrides, bool resume = false)
+    {
+        var args = new List<string> { "train", "--workers", $"{workers}", "--config", Path.Combine(RepoRoot, "cluster-config", "shakespeare-char.conf") };
+        if (resume) args.Add("--resume");
+        foreach (var kv in TinyJobOverrides(runDir).Concat(overrides)) { args.Add("--set"); args.Add(kv); }
+        return [.. args];
+    }
+
     /// <summary>Runs dtrain as a real process (the binary built beside the tests).</summary>
     public static (int ExitCode, string Stdout, string Stderr) RunCli(string workingDirectory, params string[] args)
     {

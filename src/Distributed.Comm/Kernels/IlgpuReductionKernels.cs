@@ -67,32 +67,26 @@ public sealed class IlgpuReductionKernels : IReductionKernels
         }
     }
 
-    public void ToBFloat16(ReadOnlySpan<float> source, Span<ushort> destination)
-    {
-        ReductionKernels.CheckDestination(source.Length, destination.Length);
-        if (source.IsEmpty) return;
-        lock (_gate)
-        {
-            var a = View(ref _a, source.Length);
-            var h = View(ref _h, source.Length);
-            a.CopyFromCPU(source);
-            Launch(_toBFloat16, source.Length, a, h);
-            h.CopyToCPU(destination[..source.Length]);
-            _accelerator.Synchronize();
-        }
-    }
+    public void ToBFloat16(ReadOnlySpan<float> source, Span<ushort> destination) =>
+        Convert(_toBFloat16, ref _a, ref _h, source, destination);
 
-    public void FromBFloat16(ReadOnlySpan<ushort> source, Span<float> destination)
+    public void FromBFloat16(ReadOnlySpan<ushort> source, Span<float> destination) =>
+        Convert(_fromBFloat16, ref _h, ref _a, source, destination);
+
+    /// <summary>Element-wise conversion through device buffers, shared by both bf16 directions.</summary>
+    private void Convert<TIn, TOut>(Action<Index1D, ArrayView<TIn>, ArrayView<TOut>, int> kernel,
+        ref MemoryBuffer1D<TIn, Stride1D.Dense>? input, ref MemoryBuffer1D<TOut, Stride1D.Dense>? output,
+        ReadOnlySpan<TIn> source, Span<TOut> destination) where TIn : unmanaged where TOut : unmanaged
     {
         ReductionKernels.CheckDestination(source.Length, destination.Length);
         if (source.IsEmpty) return;
         lock (_gate)
         {
-            var h = View(ref _h, source.Length);
-            var a = View(ref _a, source.Length);
-            h.CopyFromCPU(source);
-            Launch(_fromBFloat16, source.Length, h, a);
-            a.CopyToCPU(destination[..source.Length]);
+            var from = View(ref input, source.Length);
+            var to = View(ref output, source.Length);
+            from.CopyFromCPU(source);
+            Launch(kernel, source.Length, from, to);
+            to.CopyToCPU(destination[..source.Length]);
             _accelerator.Synchronize();
         }
     }
