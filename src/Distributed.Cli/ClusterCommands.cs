@@ -43,7 +43,7 @@ static class WorkerCommand
         return command;
     }
 
-    static async Task WaitForParentExit(int? pid, CancellationToken cancellationToken)
+    public static async Task WaitForParentExit(int? pid, CancellationToken cancellationToken)
     {
         if (pid is null) { await Task.Delay(Timeout.Infinite, cancellationToken).ContinueWith(_ => { }); return; }
         while (!cancellationToken.IsCancellationRequested)
@@ -55,7 +55,11 @@ static class WorkerCommand
     }
 }
 
-/// <summary><c>dtrain coordinator</c>: the coordinator node on its own (Kubernetes, several hosts); workers join it.</summary>
+/// <summary>
+/// <c>dtrain coordinator</c>: the coordinator node, with its journal. Standalone (Kubernetes, several hosts) it is the
+/// cluster's seed and workers join it; in the simulation it joins the launcher. Restarted on the same run
+/// directory, it recovers the job from its journal.
+/// </summary>
 static class CoordinatorCommand
 {
     public static Command Create()
@@ -64,20 +68,63 @@ static class CoordinatorCommand
         var set = new Option<string[]>("--set") { Description = "override a config key" };
         var workers = new Option<int?>("--workers") { Description = "workers to wait for (default: cluster.workers)" };
         var host = new Option<string>("--host") { Description = "address this node advertises to workers", DefaultValueFactory = _ => "127.0.0.1" };
-        var port = new Option<int>("--port") { Description = "Akka port workers use as their seed", DefaultValueFactory = _ => 2551 };
-        var command = new Command("coordinator", "run the coordinator node and wait for workers (dtrain worker --seed HOST:PORT)") { config, set, workers, host, port };
+        var port = new Option<int>("--port") { Description = "Akka port (workers use it as their seed when this node is the seed)", DefaultValueFactory = _ => 2551 };
+        var seed = new Option<string?>("--seed") { Description = "a node to join (HOST:PORT); default: this node is the seed" };
+        var faults = new Option<string[]>("--fault") { Description = $"inject a fault: {Core.Faults.Kinds}" };
+        var faultSeed = new Option<long>("--fault-seed") { Description = "seed of --fault random:COUNT", DefaultValueFactory = _ => 1 };
+        var resumeFrom = new Option<string?>("--resume-from") { Description = "a committed checkpoint to start from when the journal has none" };
+        var parent = new Option<int?>("--parent-pid") { Description = "exit when this process is gone (set by `dtrain train`)" };
+        var command = new Command("coordinator", "run the coordinator node and wait for workers (dtrain worker --seed HOST:PORT)")
+            { config, set, workers, host, port, seed, faults, faultSeed, resumeFrom, parent };
         command.SetAction(async (parse, cancellationToken) =>
         {
             var spec = Distributed.Cluster.Config.JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
             int count = parse.GetValue(workers) ?? spec.Cluster.Workers;
             if (count < 1) throw new Core.UserFacingException($"--workers must be 1 or more, got {count}");
             spec.ValidateDataParallel(count);
+            var plan = Core.Faults.Parse(parse.GetValue(faults) ?? [], parse.GetValue(faultSeed), count, spec.Train.MaxIters, spec.Checkpoint.Every);
             using var loggerFactory = Logging.CreateFactory();
             var logger = loggerFactory.CreateLogger("coordinator");
-            var (result, _) = await ClusterJob.RunAsync(spec, count, resumeFrom: null, spawnWorkers: false,
-                parse.GetValue(host)!, parse.GetValue(port), new LogLineObserver(logger, spec.Train.LogInterval), logger, cancellationToken);
-            if (result is not null) Console.WriteLine($"step {result.Step}: train loss {result.TrainLoss:F4}, val loss {result.ValLoss:F4} (perplexity {result.ValPerplexity:F2})");
-            return 0;
+            var system = ClusterBootstrap.Start(ClusterBootstrap.CoordinatorRole, parse.GetValue(host)!, parse.GetValue(port),
+                parse.GetValue(seed) is { } s ? [ClusterBootstrap.SeedAddress(s)] : [], CoordinatorPersistence.Hocon(spec));
+            var cluster = Akka.Cluster.Cluster.Get(system);
+            if (parse.GetValue(seed) is null) cluster.Join(cluster.SelfAddress);
+            logger.LogInformation("Coordinator pid {Pid} at {Address}, journal {Provider}, waiting for {Workers} workers",
+                Environment.ProcessId, cluster.SelfAddress, spec.Persistence.Provider, count);
+            try
+            {
+                var coordinator = ClusterRoles.StartCoordinator(system, spec, count, plan, parse.GetValue(resumeFrom));
+                var events = JobEvents.Subscribe(system, coordinator);
+                var observer = new LogLineObserver(logger, spec.Train.LogInterval);
+                var parentGone = WorkerCommand.WaitForParentExit(parse.GetValue(parent), cancellationToken);
+                while (true)
+                {
+                    var next = events.ReadAsync(cancellationToken).AsTask();
+                    if (await Task.WhenAny(next, parentGone, system.WhenTerminated) != next)
+                    {
+                        logger.LogError("The launching process or the cluster is gone; stopping");
+                        return 1;
+                    }
+                    switch (await next)
+                    {
+                        case JobStarted started: observer.OnStart(started.FirstStep, started.LastStep); break;
+                        case JobStepReport r: observer.OnStep(r.Metrics); break;
+                        case JobEvalReport e: observer.OnEval(e.Result); break;
+                        case JobCompleted c:
+                            logger.LogInformation("Job completed at step {Step}; final checkpoint {Path}", c.Step, c.FinalCheckpoint);
+                            await Task.Delay(1000, cancellationToken);   // the workers' Shutdown messages leave first
+                            return 0;
+                        case JobFailed f:
+                            logger.LogError("Job failed: {Reason}", f.Reason);
+                            await Task.Delay(1000, cancellationToken);
+                            return 1;
+                    }
+                }
+            }
+            finally
+            {
+                await system.Terminate().WaitAsync(TimeSpan.FromSeconds(2)).ContinueWith(_ => { });
+            }
         });
         return command;
     }

@@ -8,49 +8,81 @@ using Microsoft.Extensions.Logging;
 namespace Distributed.Cli;
 
 /// <summary>
-/// Runs a job on a cluster: this process is the coordinator node (the seed); with <c>spawnWorkers</c> it also starts
-/// the worker processes on loopback (the single-host simulation). Progress comes back as job events.
+/// The single-host simulation: this process is the launcher (the cluster's seed and oldest node), and starts the
+/// coordinator and the workers as processes on loopback, replacing any that dies while the job runs (the
+/// coordinator then recovers from its journal, or starts a new generation from the last commit). Progress comes
+/// back as job events.
 /// </summary>
 static class ClusterJob
 {
-    /// <summary>How long a simulation waits for its own workers; a standalone coordinator waits as long as it takes.</summary>
+    /// <summary>How long the first generation may take to form.</summary>
     public static readonly TimeSpan RegistrationTimeout = TimeSpan.FromMinutes(2);
 
-    public static async Task<(EvalResult? Result, long Steps)> RunAsync(JobSpec spec, int workers, string? resumeFrom, bool spawnWorkers,
-        string host, int port, ITrainingObserver observer, ILogger logger, CancellationToken cancellationToken)
+    public const string LauncherRole = "launcher";
+
+    /// <summary>The job file the coordinator process reads (and a later --resume of the run directory).</summary>
+    public static string JobFile(JobSpec spec) => Path.Combine(spec.RunDir, "job.conf");
+
+    public static async Task<(EvalResult? Result, long Steps)> RunAsync(JobSpec spec, int workers, IReadOnlyList<string> faultArguments, long faultSeed,
+        string? resumeFrom, ITrainingObserver observer, ILogger logger, CancellationToken cancellationToken)
     {
-        var system = ClusterBootstrap.Start(ClusterBootstrap.CoordinatorRole, host, port, []);
+        Directory.CreateDirectory(spec.RunDir);
+        File.WriteAllText(JobFile(spec), JobConfigLoader.ToHocon(spec));
+        CoordinatorPersistence.RunId(spec.RunDir);
+
+        var system = ClusterBootstrap.Start(LauncherRole, "127.0.0.1", 0, []);
         var cluster = Akka.Cluster.Cluster.Get(system);
-        cluster.Join(cluster.SelfAddress);   // the coordinator is the seed
+        cluster.Join(cluster.SelfAddress);   // the launcher is the seed and the oldest node: keep-oldest keeps it
         string seed = $"{cluster.SelfAddress.Host}:{cluster.SelfAddress.Port}";
-        logger.LogInformation("Coordinator at akka.tcp://{System}@{Seed}, waiting for {Workers} workers", ClusterBootstrap.SystemName, seed, workers);
-        // Disposed after the actor system has stopped: workers told to shut down get a moment to exit by themselves.
-        using var processes = spawnWorkers ? new WorkerProcesses(workers, seed) : null;
+        string[] coordinatorArguments =
+        [
+            "coordinator", "--config", JobFile(spec), "--workers", workers.ToString(), "--seed", seed, "--port", "0", "--fault-seed", faultSeed.ToString(),
+            .. faultArguments.SelectMany(f => new[] { "--fault", f }),
+            .. resumeFrom is null ? Array.Empty<string>() : ["--resume-from", resumeFrom],
+        ];
+        // At most one replacement per allowed restart and process, so a process that cannot start ends the job.
+        int maxReplacements = (spec.Recovery.MaxRestarts + 1) * (workers + 1);
+        logger.LogInformation("Launcher at akka.tcp://{System}@{Seed}: starting a coordinator and {Workers} workers", ClusterBootstrap.SystemName, seed, workers);
+        // Disposed after the actor system has stopped: processes told to shut down get a moment to exit by themselves.
+        using var processes = new JobProcesses(coordinatorArguments, workers, seed);
         try
         {
-            var coordinator = ClusterRoles.StartCoordinator(system, JobConfigLoader.ToHocon(spec), workers, resumeFrom);
+            var coordinator = ClusterRoles.CoordinatorProxy(system);
             var events = JobEvents.Subscribe(system, coordinator);
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-            var workerExit = processes?.FirstUnexpectedExit(stop.Token) ?? Task.Delay(Timeout.Infinite, stop.Token).ContinueWith(_ => "");
-            var registration = Task.Delay(spawnWorkers ? RegistrationTimeout : Timeout.InfiniteTimeSpan, stop.Token);
+            var exit = processes.NextExit(stop.Token);
+            var registration = Task.Delay(RegistrationTimeout, stop.Token);
             EvalResult? lastEval = null;
-            long firstStep = 0, lastStep = 0;
-            bool started = false;
+            long firstStep = -1, lastStep = 0;
             try
             {
                 while (true)
                 {
                     var next = events.ReadAsync(stop.Token).AsTask();
-                    var done = await Task.WhenAny(next, workerExit, registration);
-                    if (done == workerExit) throw new UserFacingException(await workerExit);
-                    if (done == registration && !started)
-                        throw new UserFacingException($"the job did not start within {RegistrationTimeout.TotalSeconds:0} s: fewer than {workers} workers registered");
-                    if (done == registration) { registration = Task.Delay(Timeout.Infinite, stop.Token); continue; }
+                    var done = await Task.WhenAny(next, exit, registration);
+                    if (done == exit)
+                    {
+                        var dead = await exit;
+                        string what = dead.DescribeExit();
+                        if (processes.Restarts >= maxReplacements)
+                            throw new UserFacingException($"{what}; {processes.Restarts} processes were replaced already, giving up");
+                        logger.LogWarning("{What}; starting a replacement", what);
+                        if (dead.Role == "worker") coordinator.Tell(new ProcessExited(dead.Process.Id, dead.Process.ExitCode > 128 ? "was killed" : "exited"));
+                        else DownUnreachable(cluster, ClusterBootstrap.CoordinatorRole);
+                        processes.Replace(dead);
+                        exit = processes.NextExit(stop.Token);
+                        continue;
+                    }
+                    if (done == registration)
+                    {
+                        if (firstStep < 0) throw new UserFacingException($"the job did not start within {RegistrationTimeout.TotalSeconds:0} s: fewer than {workers} workers registered");
+                        registration = Task.Delay(Timeout.Infinite, stop.Token);
+                        continue;
+                    }
                     switch (await next)
                     {
                         case JobStarted s:
-                            started = true;
-                            (firstStep, lastStep) = (s.FirstStep, s.LastStep);
+                            if (firstStep < 0) (firstStep, lastStep) = (s.FirstStep, s.LastStep);
                             logger.LogInformation("Generation {Generation}: {World} workers, steps {First}..{Last}", s.Generation, s.WorldSize, s.FirstStep + 1, s.LastStep);
                             observer.OnStart(s.FirstStep, s.LastStep);
                             break;
@@ -61,9 +93,15 @@ static class ClusterJob
                             lastEval = e.Result;
                             observer.OnEval(e.Result);
                             break;
-                        case JobCompleted c:
-                            if (c.FinalCheckpoint is not null) observer.OnCheckpoint(c.Step, c.FinalCheckpoint);
-                            return (lastEval, lastStep - firstStep);
+                        case JobCheckpointCommitted c:
+                            observer.OnCheckpoint(c.Step, c.Directory);
+                            break;
+                        case JobRecovering r:
+                            logger.LogWarning("Generation {Generation} lost: {Reason}. Recovering from the last commit (restart {Restarts} of {Max})",
+                                r.AbortedGeneration, r.Reason, r.Restarts, r.MaxRestarts);
+                            break;
+                        case JobCompleted:
+                            return (lastEval, lastStep - Math.Max(firstStep, 0));
                         case JobFailed f:
                             throw new UserFacingException($"the job failed: {f.Reason}");
                     }
@@ -81,4 +119,19 @@ static class ClusterJob
             await system.Terminate().WaitAsync(TimeSpan.FromSeconds(1)).ContinueWith(_ => { });
         }
     }
+
+    /// <summary>
+    /// A process of <paramref name="role"/> died (this launcher saw it exit): down its node as soon as the failure
+    /// detector marks it unreachable, so its replacement can take over (a singleton moves only once the old node is down).
+    /// </summary>
+    static void DownUnreachable(Akka.Cluster.Cluster cluster, string role) => _ = Task.Run(async () =>
+    {
+        for (int i = 0; i < 40; i++)
+        {
+            var dead = cluster.State.Unreachable.Where(m => m.HasRole(role)).ToList();
+            foreach (var member in dead) cluster.Down(member.Address);
+            if (dead.Count > 0) return;
+            await Task.Delay(250);
+        }
+    });
 }

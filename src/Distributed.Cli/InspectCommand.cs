@@ -1,49 +1,105 @@
 using System.CommandLine;
+using Distributed.Cluster;
+using Distributed.Cluster.Config;
 using Distributed.Training.Checkpoints;
 
 namespace Distributed.Cli;
 
+/// <summary>
+/// <c>dtrain inspect</c>: a run directory's journal (every event the coordinator recorded) and its committed
+/// checkpoints with whether each verifies; or one checkpoint's metadata and tensors.
+/// </summary>
 static class InspectCommand
 {
     public static Command Create()
     {
-        var path = new Argument<string>("path") { Description = "a checkpoint file, or a run directory (lists its checkpoints)" };
-        var command = new Command("inspect", "show a checkpoint's step, config, tensors and whether its hash verifies") { path };
-        command.SetAction(parse =>
+        var path = new Argument<string>("path") { Description = "a run directory (journal and checkpoints) or a checkpoint directory" };
+        var command = new Command("inspect", "show a run's journal and checkpoints, or a checkpoint's metadata and tensors") { path };
+        command.SetAction(async (parse, cancellationToken) =>
         {
             string target = parse.GetValue(path)!;
-            if (Directory.Exists(target))
+            if (File.Exists(Path.Combine(target, CheckpointFiles.ManifestName))) return ShowCheckpoint(target);
+            if (!Directory.Exists(target)) throw new Core.UserFacingException($"'{target}' is neither a run directory nor a checkpoint");
+            int status = 0;
+            string jobFile = Path.Combine(target, "job.conf");
+            if (File.Exists(jobFile))
             {
-                string dir = Directory.Exists(Path.Combine(target, "checkpoints")) ? Path.Combine(target, "checkpoints") : target;
-                var files = CheckpointFiles.List(dir);
-                if (files.Count == 0) throw new Core.CheckpointException($"no checkpoints in '{dir}'");
-                foreach (var (step, file) in files)
-                {
-                    var (ok, _, actual) = CheckpointFiles.Verify(file);
-                    Console.WriteLine($"step {step,8}  {(ok ? "verified" : "CORRUPT ")}  sha256 {actual}  {new FileInfo(file).Length,12:N0} bytes  {file}");
-                }
-                return 0;
+                var spec = JobConfigLoader.Load(jobFile) with { RunDir = target };
+                status = await ShowJournal(spec);
             }
-            var (verified, expected, hash) = CheckpointFiles.Verify(target);
-            if (!verified)
+            string checkpoints = Path.Combine(target, "checkpoints");
+            var committed = CheckpointFiles.List(checkpoints);
+            Console.WriteLine($"checkpoints in {checkpoints}: {committed.Count} committed");
+            foreach (var (step, directory) in committed)
             {
-                Console.Error.WriteLine($"error: checkpoint '{target}' is corrupt: SHA-256 {hash}, recorded {expected}");
-                return 3;
+                var bad = CheckpointFiles.Verify(directory);
+                long bytes = CheckpointFiles.ReadManifest(directory).Shards.Sum(s => s.Bytes);
+                Console.WriteLine($"  step {step,8}  {(bad.Count == 0 ? "verified" : "CORRUPT ")}  {bytes,12:N0} bytes  {directory}");
+                foreach (var problem in bad) Console.WriteLine($"      {problem}");
+                if (bad.Count > 0) status = 3;
             }
-            using var checkpoint = CheckpointFiles.Load(target);
-            Console.WriteLine($"checkpoint {target}");
-            Console.WriteLine($"sha256     {hash} (verified)");
-            foreach (var (key, value) in checkpoint.Metadata.OrderBy(p => p.Key, StringComparer.Ordinal))
-                Console.WriteLine($"{key,-16} {(key == "vocab" ? System.Text.Json.JsonSerializer.Serialize(value) : value)}");
-            long total = 0;
-            foreach (var (name, tensor) in checkpoint.Tensors)
-            {
-                total += tensor.numel();
-                Console.WriteLine($"  {name,-48} {tensor.dtype,-8} [{string.Join(", ", tensor.shape)}]");
-            }
-            Console.WriteLine($"{checkpoint.Tensors.Count} tensors, {total:N0} elements");
-            return 0;
+            return status;
         });
         return command;
+    }
+
+    static async Task<int> ShowJournal(Core.JobSpec spec)
+    {
+        var entries = await JournalReader.ReadAsync(spec, TimeSpan.FromSeconds(30));
+        Console.WriteLine($"journal ({spec.Persistence.Provider}, persistence id {CoordinatorPersistence.PersistenceId(spec.RunDir)}): {entries.Count} events");
+        var state = JobState.Empty;
+        foreach (var (seq, e) in entries)
+        {
+            state = state.Apply(e);
+            string line = e switch
+            {
+                JobSubmitted s => $"{s.At:O}  job submitted: {s.Workers} workers",
+                GenerationStarted g => $"{g.At:O}  generation {g.Generation} started: {g.WorldSize} workers, from step {g.ResumeStep}",
+                GenerationAborted a => $"{a.At:O}  generation {a.Generation} aborted: {a.Reason}",
+                CheckpointCommitted c => $"{c.At:O}  checkpoint committed at step {c.Step} (generation {c.Generation}): " +
+                    string.Join(", ", c.Shards.Select(s => $"{s.File} {s.Bytes:N0} bytes sha256 {s.Sha256[..12]}…")),
+                FaultInjected f => $"{f.At:O}  fault injected: {f.Fault}",
+                JobEnded end => $"{end.At:O}  job {(end.Completed ? $"completed at step {end.Step}" : $"failed: {end.Reason}")}",
+                _ => e.GetType().Name,
+            };
+            Console.WriteLine($"  {seq,4}  {line}");
+        }
+        int status = 0;
+        string checkpoints = Path.Combine(spec.RunDir, "checkpoints");
+        Console.WriteLine($"commits in the journal: {state.Commits.Length}");
+        foreach (var commit in state.NewestCommits)
+        {
+            string directory = CheckpointFiles.DirectoryFor(checkpoints, commit.Step);
+            if (!Directory.Exists(directory)) { Console.WriteLine($"  step {commit.Step,8}  deleted (retention)"); continue; }
+            var bad = CheckpointFiles.Verify(directory, commit.Shards);
+            Console.WriteLine($"  step {commit.Step,8}  {(bad.Count == 0 ? "verified" : "CORRUPT ")}  {directory}");
+            foreach (var problem in bad) Console.WriteLine($"      {problem}");
+            if (bad.Count > 0) status = 3;
+        }
+        return status;
+    }
+
+    static int ShowCheckpoint(string directory)
+    {
+        var bad = CheckpointFiles.Verify(directory);
+        if (bad.Count > 0)
+        {
+            Console.Error.WriteLine($"error: checkpoint '{directory}' is corrupt: {string.Join("; ", bad)}");
+            return 3;
+        }
+        var manifest = CheckpointFiles.ReadManifest(directory);
+        using var checkpoint = CheckpointFiles.Load(directory);
+        Console.WriteLine($"checkpoint {directory} (step {manifest.Step}, generation {manifest.Generation}, {manifest.Shards.Length} shards, verified)");
+        foreach (var shard in manifest.Shards) Console.WriteLine($"  {shard.File,-32} {shard.Bytes,12:N0} bytes  sha256 {shard.Sha256}");
+        foreach (var (key, value) in checkpoint.Metadata.OrderBy(p => p.Key, StringComparer.Ordinal))
+            Console.WriteLine($"{key,-16} {(key == "vocab" ? System.Text.Json.JsonSerializer.Serialize(value) : value)}");
+        long total = 0;
+        foreach (var (name, tensor) in checkpoint.Tensors)
+        {
+            total += tensor.numel();
+            Console.WriteLine($"  {name,-48} {tensor.dtype,-8} [{string.Join(", ", tensor.shape)}]");
+        }
+        Console.WriteLine($"{checkpoint.Tensors.Count} tensors, {total:N0} elements");
+        return 0;
     }
 }

@@ -27,38 +27,52 @@ static class TrainCommand
             Description = "worker processes on loopback (default: cluster.workers); 0 trains in this process without a cluster",
         };
 
-        var command = new Command("train", "train a model") { config, set, resume, overwrite, stopAt, workers };
+        var faults = new Option<string[]>("--fault") { Description = $"inject a fault (repeatable): {Faults.Kinds}" };
+        var faultSeed = new Option<long>("--fault-seed") { Description = "seed that draws the faults of --fault random:COUNT", DefaultValueFactory = _ => 1 };
+
+        var command = new Command("train", "train a model") { config, set, resume, overwrite, stopAt, workers, faults, faultSeed };
         command.SetAction((parse, cancellationToken) =>
         {
-            var spec = JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
             bool resuming = parse.GetResult(resume) is not null;
+            string? resumePath = parse.GetValue(resume);
+            // A run directory remembers its job: --resume RUN_DIR continues that job unless --config says otherwise.
+            string configFile = parse.GetValue(config)!;
+            if (resumePath is not null && parse.GetResult(config) is null && File.Exists(Path.Combine(resumePath, "job.conf")))
+                configFile = Path.Combine(resumePath, "job.conf");
+            var spec = JobConfigLoader.Load(configFile, parse.GetValue(set));
             int workerCount = parse.GetValue(workers) ?? spec.Cluster.Workers;
             if (workerCount < 0) throw new UserFacingException($"--workers must be 0 or more, got {workerCount}");
             if (workerCount > 0 && parse.GetValue(stopAt) is not null) throw new UserFacingException("--stop-at needs --workers 0 (single process) for now");
-            return RunAsync(spec, workerCount, resuming, parse.GetValue(resume), parse.GetValue(overwrite), parse.GetValue(stopAt), cancellationToken);
+            string[] faultArguments = parse.GetValue(faults) ?? [];
+            if (faultArguments.Length > 0 && workerCount == 0) throw new UserFacingException("--fault needs a cluster (--workers 1 or more)");
+            Faults.Parse(faultArguments, parse.GetValue(faultSeed), Math.Max(1, workerCount), spec.Train.MaxIters, spec.Checkpoint.Every);   // errors before any process starts
+            return RunAsync(spec, workerCount, resuming, resumePath, parse.GetValue(overwrite), parse.GetValue(stopAt), faultArguments,
+                parse.GetValue(faultSeed), cancellationToken);
         });
         return command;
     }
 
-    static async Task<int> RunAsync(JobSpec spec, int workers, bool resuming, string? resumePath, bool overwrite, long? stopAt, CancellationToken cancellationToken)
+    static async Task<int> RunAsync(JobSpec spec, int workers, bool resuming, string? resumePath, bool overwrite, long? stopAt,
+        IReadOnlyList<string> faults, long faultSeed, CancellationToken cancellationToken)
     {
         TextCorpus.RequireFile(spec.Data);   // before any worker starts
         using var loggerFactory = Logging.CreateFactory();
         var logger = loggerFactory.CreateLogger("dtrain");
         string checkpoints = Path.Combine(spec.RunDir, "checkpoints");
         string? from = null;
-        if (resuming)
+        bool sameRun = resumePath is null || Path.GetFullPath(resumePath) == Path.GetFullPath(spec.RunDir);
+        if (resuming && (workers == 0 || !sameRun))
         {
             from = ResolveResume(resumePath ?? spec.RunDir, logger);
         }
-        else if (CheckpointFiles.List(checkpoints).Count > 0)
+        else if (!resuming && HoldsAJob(spec.RunDir))
         {
             if (!overwrite)
                 throw new UserFacingException(
-                    $"run directory '{spec.RunDir}' already holds checkpoints: pass --resume to continue it, --overwrite to start over, or --set run.dir=...");
+                    $"run directory '{spec.RunDir}' already holds a job: pass --resume to continue it, --overwrite to start over, or --set run.dir=...");
             Directory.Delete(spec.RunDir, recursive: true);
         }
-        if (from is null && Directory.Exists(spec.RunDir))
+        if (!resuming && Directory.Exists(spec.RunDir))
         {
             File.Delete(Path.Combine(spec.RunDir, "metrics.jsonl"));
             File.Delete(Path.Combine(spec.RunDir, "eval.jsonl"));
@@ -82,8 +96,9 @@ static class TrainCommand
             spec.ValidateDataParallel(workers);
             // Workers share this host's cores unless the job says how many threads each takes.
             if (spec.Threads == 0) spec = spec with { Threads = Math.Max(1, Environment.ProcessorCount / workers) };
+            // Resuming its own run directory, the coordinator continues from its journal (or the run's newest commit).
             (result, steps) = ProgressDisplay.Run(spec, logger, observer =>
-                ClusterJob.RunAsync(spec, workers, from, spawnWorkers: true, "127.0.0.1", 0, observer, logger, cancellationToken).GetAwaiter().GetResult());
+                ClusterJob.RunAsync(spec, workers, faults, faultSeed, from, observer, logger, cancellationToken).GetAwaiter().GetResult());
         }
 
         double seconds = clock.Elapsed.TotalSeconds;
@@ -95,10 +110,13 @@ static class TrainCommand
         return 0;
     }
 
-    /// <summary>A run directory, a checkpoints directory or a checkpoint file: the newest checkpoint that verifies.</summary>
+    static bool HoldsAJob(string runDir) =>
+        CheckpointFiles.List(Path.Combine(runDir, "checkpoints")).Count > 0 || File.Exists(Path.Combine(runDir, Cluster.CoordinatorPersistence.RunIdFile));
+
+    /// <summary>A run directory, a checkpoints directory or a checkpoint directory: the newest committed checkpoint that verifies.</summary>
     static string ResolveResume(string target, ILogger logger)
     {
-        if (File.Exists(target)) return target;
+        if (File.Exists(Path.Combine(target, CheckpointFiles.ManifestName))) return target;
         foreach (var dir in new[] { Path.Combine(target, "checkpoints"), target })
         {
             if (CheckpointFiles.List(dir).Count == 0) continue;

@@ -11,7 +11,8 @@ public static class ClusterBootstrap
     public const string CoordinatorRole = "coordinator";
     public const string WorkerRole = "worker";
 
-    public static ActorSystem Start(string role, string host, int port, IEnumerable<string> seedNodes)
+    /// <param name="extraHocon">settings only this node has (the coordinator's journal)</param>
+    public static ActorSystem Start(string role, string host, int port, IEnumerable<string> seedNodes, string extraHocon = "")
     {
         string file = Path.Combine(AppContext.BaseDirectory, "akka.conf");
         if (!File.Exists(file)) throw new UserFacingException($"Akka settings '{file}' are missing from the installation");
@@ -21,6 +22,7 @@ public static class ClusterBootstrap
             akka.remote.dot-netty.tcp.port = {{port}}
             akka.cluster.roles = ["{{role}}"]
             akka.cluster.seed-nodes = [{{seeds}}]
+            {{extraHocon}}
             """).WithFallback(ConfigurationFactory.ParseString(File.ReadAllText(file)));
         return ActorSystem.Create(SystemName, config);
     }

@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Akka.Cluster.Tools.Singleton;
 using Distributed.Comm;
+using Distributed.Core;
 using Microsoft.Extensions.Logging;
 
 namespace Distributed.Cluster;
@@ -9,10 +10,10 @@ namespace Distributed.Cluster;
 public static class ClusterRoles
 {
     /// <summary>Runs the coordinator as a cluster singleton on coordinator-role nodes; returns a proxy to it.</summary>
-    public static IActorRef StartCoordinator(ActorSystem system, string jobHocon, int workers, string? resumeFrom)
+    public static IActorRef StartCoordinator(ActorSystem system, JobSpec spec, int workers, IReadOnlyList<Fault> faults, string? resumeFrom)
     {
         system.ActorOf(ClusterSingletonManager.Props(
-            CoordinatorActor.Props(jobHocon, workers, resumeFrom), PoisonPill.Instance,
+            CoordinatorActor.Props(spec, workers, faults, resumeFrom, CoordinatorPersistence.PersistenceId(spec.RunDir)), PoisonPill.Instance,
             ClusterSingletonManagerSettings.Create(system).WithRole(ClusterBootstrap.CoordinatorRole)), "coordinator");
         return CoordinatorProxy(system);
     }

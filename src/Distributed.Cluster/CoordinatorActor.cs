@@ -1,104 +1,341 @@
+using System.Diagnostics;
+using System.Text.Json;
 using Akka.Actor;
 using Akka.Event;
+using Akka.Persistence;
+using Distributed.Cluster.Config;
+using Distributed.Core;
+using Distributed.Training;
+using Distributed.Training.Checkpoints;
 
 namespace Distributed.Cluster;
 
 /// <summary>
-/// The job's authority (a cluster singleton on the coordinator node): waits for the configured number of workers,
-/// assigns ranks and peer endpoints for a generation, relays progress to subscribers, and ends the job.
-/// States: WaitingForWorkers -> Running -> Completed | Failed. Recovery (a new generation) comes with persistence.
+/// The job's authority (a cluster singleton on the coordinator node), journaled through Akka.Persistence so that a
+/// restarted coordinator resumes the job. Per generation: wait for the workers, pick the newest checkpoint whose
+/// shards verify, assign ranks; commit a checkpoint once every rank's shard is durable (two-phase); on the loss of
+/// a worker or link, abort the generation and start the next one from the last commit, up to recovery.max-restarts.
+/// States: WaitingForWorkers -> Starting -> Running -> (WaitingForWorkers ...) -> Ended.
 /// </summary>
-public sealed class CoordinatorActor : ReceiveActor
+public sealed class CoordinatorActor : ReceivePersistentActor
 {
+    readonly JobSpec _spec;
     readonly string _jobHocon;
     readonly int _expectedWorkers;
+    readonly IReadOnlyList<Fault> _faults;
     readonly string? _resumeFrom;
     readonly List<RegisterWorker> _workers = [];
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
+    readonly Dictionary<long, Dictionary<int, ShardRecord>> _pendingShards = [];
     readonly ILoggingAdapter _log = Context.GetLogger();
-    long _generation;
-    bool _ended;
+    readonly RecoveryTimeline _timeline;
+    JobState _state = JobState.Empty;
+    long _finalStep = -1;
 
-    public CoordinatorActor(string jobHocon, int expectedWorkers, string? resumeFrom)
+    sealed record ResumePointChosen(string? Directory, long Step, string? Error);
+
+    /// <param name="resumeFrom">a committed checkpoint to start from when the journal holds none (--resume of another run)</param>
+    public CoordinatorActor(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId)
     {
-        _jobHocon = jobHocon;
-        _expectedWorkers = expectedWorkers;
         _resumeFrom = resumeFrom;
-        Receive<SubscribeToJob>(m => _subscribers.Add(m.Subscriber));
-        Become(WaitingForWorkers);
+        _spec = spec;
+        _jobHocon = JobConfigLoader.ToHocon(spec);
+        _expectedWorkers = expectedWorkers;
+        _faults = faults;
+        PersistenceId = persistenceId;
+        _timeline = new RecoveryTimeline(Path.Combine(spec.RunDir, "recovery.jsonl"));
+        Recover<SnapshotOffer>(offer => _state = (JobState)offer.Snapshot);
+        Recover<RecoveryCompleted>(_ => OnRecovered());
+        RecoverAny(e => _state = _state.Apply(e));
+        CommandAny(_ => Stash.Stash());   // until recovery completes
     }
 
-    public static Props Props(string jobHocon, int expectedWorkers, string? resumeFrom) =>
-        Akka.Actor.Props.Create(() => new CoordinatorActor(jobHocon, expectedWorkers, resumeFrom));
+    public override string PersistenceId { get; }
 
-    void WaitingForWorkers()
+    public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId) =>
+        Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, persistenceId));
+
+    string CheckpointsDirectory => Path.Combine(_spec.RunDir, "checkpoints");
+
+    void OnRecovered()
     {
-        Receive<SubscribeToJob>(m => _subscribers.Add(m.Subscriber));
-        Receive<RegisterWorker>(m =>
+        if (_state.End is { } ended)
         {
-            if (_workers.Any(w => w.Worker.Equals(m.Worker))) return;
-            _workers.Add(m);
-            Context.Watch(m.Worker);
-            _log.Info("Worker {0} registered ({1}/{2}), data plane {3}", m.Worker.Path.Address, _workers.Count, _expectedWorkers, m.DataPlaneEndpoint);
-            if (_workers.Count == _expectedWorkers) StartGeneration();
+            Become(() => Ended(ended.Completed ? new JobCompleted(ended.Step, LatestCommitDirectory()) : new JobFailed(ended.Reason)));
+            Stash.UnstashAll();
+            return;
+        }
+        if (_state.JobHocon is null)
+            Record(new JobSubmitted(_jobHocon, _expectedWorkers, DateTime.UtcNow), _ => { });
+        else
+        {
+            _log.Info("Coordinator recovered the journal: generation {0}, {1} commits (newest step {2}), {3} restarts",
+                _state.Generation, _state.Commits.Length, _state.NewestCommits.FirstOrDefault()?.Step ?? 0, _state.Restarts);
+            // Workers still training an older generation are told to stop and register again.
+            if (_state.Generation > 0)
+            {
+                TellWorkerNodes(new AbortGeneration(_state.Generation, "the coordinator restarted"));
+                if (_state.FiredFaults.LastOrDefault() is { } fault) _timeline.FaultFired(fault.Fault, fault.At);
+                _timeline.Detected(_state.Generation, "the coordinator restarted");
+            }
+        }
+        BecomeWaitingForWorkers();
+        Stash.UnstashAll();
+    }
+
+    void BecomeWaitingForWorkers()
+    {
+        if (_workers.Count == _expectedWorkers) { BecomeStarting(); return; }
+        Become(() =>
+        {
+            Common();
+            Command<RegisterWorker>(m =>
+            {
+                if (_workers.Any(w => w.Worker.Equals(m.Worker))) return;
+                _workers.Add(m);
+                Context.Watch(m.Worker);
+                _log.Info("Worker pid {0} registered ({1}/{2}), data plane {3}", m.ProcessId, _workers.Count, _expectedWorkers, m.DataPlaneEndpoint);
+                if (_workers.Count == _expectedWorkers) BecomeStarting();
+            });
+            Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
+            CommandAny(_ => { });   // reports of an aborted generation
         });
-        Receive<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
     }
 
-    void StartGeneration()
+    /// <summary>Verifying shards reads files: done off the actor, and the result comes back as a message.</summary>
+    void BecomeStarting()
     {
-        _generation++;
+        var commits = _state.NewestCommits.ToList();
+        string checkpoints = CheckpointsDirectory;
+        Task.Run(() => ChooseResumePoint(commits, checkpoints)).PipeTo(Self);
+        Become(() =>
+        {
+            Common();
+            Command<ResumePointChosen>(chosen =>
+            {
+                if (_workers.Count < _expectedWorkers) { BecomeWaitingForWorkers(); return; }
+                if (chosen.Error is not null) { End(new JobFailed(chosen.Error)); return; }
+                long generation = _state.Generation + 1;
+                Record(new GenerationStarted(generation, _workers.Count, chosen.Step, DateTime.UtcNow), _ => StartGeneration(generation, chosen.Directory));
+            });
+            // A worker lost before the generation started: the choice is dropped, and the coordinator waits for a replacement.
+            Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
+            CommandAny(_ => { });
+        });
+    }
+
+    /// <summary>
+    /// The newest checkpoint whose shards verify: among the journal's commits; when the journal has none, the given
+    /// checkpoint (--resume of another run) or those committed in the run directory without a journal (a
+    /// single-process run continued by a cluster). A corrupt one is named, with both hashes, and skipped.
+    /// </summary>
+    ResumePointChosen ChooseResumePoint(IReadOnlyList<CheckpointCommitted> commits, string checkpoints)
+    {
+        try
+        {
+            var candidates = commits.Count > 0
+                ? commits.Select(c => (Directory: CheckpointFiles.DirectoryFor(checkpoints, c.Step), Commit: c)).ToList()
+                : (_resumeFrom is null ? CheckpointFiles.List(checkpoints).Select(c => c.Path) : [_resumeFrom])
+                    .Select(dir => (Directory: dir, Commit: FromManifest(CheckpointFiles.ReadManifest(dir)))).ToList();
+            foreach (var (directory, commit) in candidates)
+            {
+                var bad = CheckpointFiles.Verify(directory, commit.Shards);
+                if (bad.Count == 0)
+                {
+                    // The manifest follows the journal: written again if the coordinator died between the two.
+                    if (!File.Exists(Path.Combine(directory, CheckpointFiles.ManifestName))) WriteManifest(directory, commit);
+                    return new ResumePointChosen(directory, commit.Step, null);
+                }
+                _log.Warning("Checkpoint at step {0} is corrupt: {1}; falling back to the previous commit", commit.Step, string.Join("; ", bad));
+            }
+            if (_resumeFrom is not null && commits.Count == 0) return new ResumePointChosen(null, 0, $"checkpoint '{_resumeFrom}' does not verify");
+            if (candidates.Count > 0) _log.Warning("No committed checkpoint verifies: starting from step 0");
+            return new ResumePointChosen(null, 0, null);
+        }
+        catch (Exception e) when (e is CheckpointException or IOException)
+        {
+            return new ResumePointChosen(null, 0, e.Message);
+        }
+    }
+
+    static CheckpointCommitted FromManifest(CheckpointManifest m) => new(m.Step, m.Generation, m.Shards, DateTime.UtcNow);
+
+    void StartGeneration(long generation, string? resumeFrom)
+    {
+        _finished.Clear();
+        _pendingShards.Clear();
+        _finalStep = -1;
         var endpoints = _workers.Select(w => w.DataPlaneEndpoint).ToList();
+        var pending = _faults.Where(f => !_state.HasFired(f) && f.Kind != FaultKind.KillCoordinator).ToArray();
         for (int rank = 0; rank < _workers.Count; rank++)
-            _workers[rank].Worker.Tell(new AssignRank(_generation, rank, endpoints, _jobHocon, _resumeFrom));
-        _log.Info("Generation {0} started with {1} workers", _generation, _workers.Count);
-        Become(Running);
+            _workers[rank].Worker.Tell(new AssignRank(generation, rank, endpoints, _jobHocon, resumeFrom,
+                pending.Where(f => f.Rank == rank).ToArray()));
+        _timeline.GenerationStarted(generation);
+        _log.Info("Generation {0} started with {1} workers from {2}", generation, _workers.Count, resumeFrom ?? "scratch");
+        Become(() => Running(generation));
     }
 
-    void Running()
+    void Running(long generation)
     {
-        Receive<SubscribeToJob>(m => _subscribers.Add(m.Subscriber));
-        Receive<RegisterWorker>(m => { });   // late retries of a registration already counted
-        Receive<RankStarted>(m => m.Generation == _generation && m.Rank == 0,
-            m => Publish(new JobStarted(_generation, _workers.Count, m.FirstStep, m.LastStep)));
-        Receive<StepDone>(m => m.Generation == _generation && m.Rank == 0, m => Publish(new JobStepReport(m.Metrics, _workers.Count)));
-        Receive<EvalDone>(m => m.Generation == _generation && m.Rank == 0, m => Publish(new JobEvalReport(m.Result)));
-        Receive<WorkerFinished>(m => m.Generation == _generation, m =>
+        Common();
+        Command<RegisterWorker>(_ => { });   // late retries of a registration already counted
+        Command<RankStarted>(m => m.Generation == generation && m.Rank == 0, m =>
+        {
+            _finalStep = m.LastStep;
+            _timeline.RankStarted(m.LoadMs);
+            Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
+        });
+        Command<StepDone>(m => m.Generation == generation && m.Rank == 0, m =>
+        {
+            _timeline.FirstStep(generation, m.Metrics.Step);
+            Publish(new JobStepReport(m.Metrics, _workers.Count));
+            var killMe = _faults.FirstOrDefault(f => f.Kind == FaultKind.KillCoordinator && m.Metrics.Step >= f.Step && !_state.HasFired(f));
+            if (killMe is not null) Record(new FaultInjected(killMe.Text, DateTime.UtcNow), _ => KillThisProcess(killMe));
+        });
+        Command<EvalDone>(m => m.Generation == generation && m.Rank == 0, m => Publish(new JobEvalReport(m.Result)));
+        Command<ShardWritten>(m => m.Generation == generation, m => OnShardWritten(generation, m));
+        Command<WorkerFinished>(m => m.Generation == generation, m =>
         {
             _finished.Add(m.Rank);
-            _lastCheckpoint = m.FinalCheckpoint ?? _lastCheckpoint;   // rank 0 writes checkpoints
-            if (_finished.Count == _workers.Count) End(new JobCompleted(m.Step, _lastCheckpoint));
+            TryComplete();
         });
-        Receive<WorkerFailed>(m => m.Generation == _generation, m => End(new JobFailed(m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
-            ? $"rank {lost} ({Describe(lost)}) was lost: {m.Reason} (reported by rank {m.Rank})"
-            : $"rank {m.Rank} ({Describe(m.Rank)}) failed: {m.Reason}")));
-        Receive<Terminated>(t =>
+        Command<FaultFired>(m => Record(new FaultInjected(m.Fault, m.At), _ => _timeline.FaultFired(m.Fault, m.At)));
+        Command<WorkerFailed>(m => m.Generation == generation, m =>
+        {
+            string who = m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
+                ? $"rank {lost} ({Describe(lost)}) was lost: {m.Reason} (reported by rank {m.Rank})"
+                : $"rank {m.Rank} ({Describe(m.Rank)}) failed: {m.Reason}";
+            if (m.Fatal) End(new JobFailed(who));
+            else Abort(generation, who);
+        });
+        Command<Terminated>(t =>
         {
             int rank = _workers.FindIndex(w => w.Worker.Equals(t.ActorRef));
-            if (rank >= 0 && !_finished.Contains(rank))
-                End(new JobFailed($"rank {rank} ({Describe(rank)}) left the cluster"));
+            if (rank >= 0) Abort(generation, $"rank {rank} ({Describe(rank)}) left the cluster");
         });
-        ReceiveAny(_ => { });   // reports of an older generation
+        Command<ProcessExited>(m =>
+        {
+            int rank = _workers.FindIndex(w => w.ProcessId == m.ProcessId);
+            if (rank < 0) return;
+            // The launcher saw the process die: its node is down for sure, and downing it now lets a replacement join
+            // without waiting for the failure detector.
+            Akka.Cluster.Cluster.Get(Context.System).Down(_workers[rank].Worker.Path.Address);
+            Abort(generation, $"rank {rank} ({Describe(rank)}) {m.Description}");
+        });
+        CommandAny(_ => { });   // reports of an older generation
     }
 
-    string? _lastCheckpoint;
+    void OnShardWritten(long generation, ShardWritten m)
+    {
+        if (!_pendingShards.TryGetValue(m.Step, out var shards)) _pendingShards[m.Step] = shards = [];
+        shards[m.Rank] = m.Shard;
+        if (shards.Count < _workers.Count) return;
+        _pendingShards.Remove(m.Step);
+        var commit = new CheckpointCommitted(m.Step, generation, shards.Values.OrderBy(s => s.Rank).ToArray(), DateTime.UtcNow);
+        Record(commit, _ =>
+        {
+            string directory = m.Directory;
+            int keep = _spec.Checkpoint.Keep;
+            string checkpoints = CheckpointsDirectory;
+            // Durable in the journal: now the manifest, then retention (older commits may go only after this one is durable).
+            Task.Run(() =>
+            {
+                WriteManifest(directory, commit);
+                CheckpointFiles.Retain(checkpoints, keep);
+            }).ContinueWith(t => { if (t.IsFaulted) _log.Error(t.Exception, "Writing the manifest of {0} failed", directory); });
+            _log.Info("Checkpoint at step {0} committed ({1} shards, {2:N0} bytes)", m.Step, commit.Shards.Length, commit.Shards.Sum(s => s.Bytes));
+            Publish(new JobCheckpointCommitted(m.Step, directory));
+            foreach (var w in _workers) w.Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, directory));
+            TryComplete();
+        });
+    }
 
-    string Describe(int rank) => $"worker pid {_workers[rank].ProcessId} on {_workers[rank].Host}";
+    void WriteManifest(string directory, CheckpointCommitted commit) =>
+        CheckpointFiles.WriteManifest(directory, new CheckpointManifest(Trainer.CheckpointFormat, commit.Step, commit.Generation, commit.Shards,
+            JsonSerializer.Serialize(_spec)));
+
+    /// <summary>The job is complete when every rank finished and the final checkpoint is committed.</summary>
+    void TryComplete()
+    {
+        if (_finished.Count < _workers.Count || _finalStep < 0 || _state.Commits.All(c => c.Step != _finalStep)) return;
+        End(new JobCompleted(_finalStep, CheckpointFiles.DirectoryFor(CheckpointsDirectory, _finalStep)));
+    }
+
+    void Abort(long generation, string reason)
+    {
+        Record(new GenerationAborted(generation, reason, DateTime.UtcNow), _ =>
+        {
+            _timeline.Detected(generation, reason);
+            foreach (var w in _workers) w.Worker.Tell(new AbortGeneration(generation, reason));
+            foreach (var w in _workers) Context.Unwatch(w.Worker);
+            _workers.Clear();   // survivors register again once their training thread has stopped
+            if (_state.Restarts > _spec.Recovery.MaxRestarts)
+            {
+                End(new JobFailed($"{reason}; giving up after {_spec.Recovery.MaxRestarts} restarts (recovery.max-restarts)"));
+                return;
+            }
+            _log.Warning("Generation {0} aborted: {1}. Restart {2} of {3}: waiting for {4} workers", generation, reason, _state.Restarts,
+                _spec.Recovery.MaxRestarts, _expectedWorkers);
+            Publish(new JobRecovering(generation, reason, _state.Restarts, _spec.Recovery.MaxRestarts));
+            BecomeWaitingForWorkers();
+        });
+    }
 
     void End(JobEvent outcome)
     {
-        string reason = outcome is JobFailed failed ? failed.Reason : "job completed";
-        if (_ended) return;
-        _ended = true;
-        Publish(outcome);
-        foreach (var w in _workers) w.Worker.Tell(new Shutdown(outcome is JobCompleted, reason));
-        Become(() =>
+        var ended = outcome switch
         {
-            Receive<SubscribeToJob>(m => { _subscribers.Add(m.Subscriber); m.Subscriber.Tell(outcome); });
-            ReceiveAny(_ => { });
+            JobCompleted c => new JobEnded(true, c.Step, "job completed", DateTime.UtcNow),
+            JobFailed f => new JobEnded(false, -1, f.Reason, DateTime.UtcNow),
+            _ => throw new ArgumentException("not an outcome", nameof(outcome)),
+        };
+        Record(ended, _ =>
+        {
+            Publish(outcome);
+            foreach (var w in _workers) w.Worker.Tell(new Shutdown(ended.Completed, ended.Reason));
+            Become(() => Ended(outcome));
         });
     }
+
+    void Ended(JobEvent outcome)
+    {
+        Command<SubscribeToJob>(m => { _subscribers.Add(m.Subscriber); m.Subscriber.Tell(outcome); });
+        Command<RegisterWorker>(m => m.Worker.Tell(new Shutdown(outcome is JobCompleted, "the job is over")));
+        CommandAny(_ => { });
+    }
+
+    void Common()
+    {
+        Command<SubscribeToJob>(m => _subscribers.Add(m.Subscriber));
+        Command<SaveSnapshotSuccess>(_ => { });
+        Command<SaveSnapshotFailure>(f => _log.Warning("Snapshot failed: {0}", f.Cause.Message));
+    }
+
+    /// <summary>Persists an event, applies it to the state, snapshots every persistence.snapshot-every events.</summary>
+    void Record<T>(T e, Action<T> then) where T : class => Persist(e, persisted =>
+    {
+        _state = _state.Apply(persisted);
+        if (LastSequenceNr % _spec.Persistence.SnapshotEvery == 0) SaveSnapshot(_state);
+        then(persisted);
+    });
+
+    void KillThisProcess(Fault fault)
+    {
+        _log.Warning("Fault injection: {0}: SIGKILL to the coordinator (pid {1})", fault.Text, Environment.ProcessId);
+        Process.GetCurrentProcess().Kill();
+    }
+
+    void TellWorkerNodes(object message)
+    {
+        foreach (var member in Akka.Cluster.Cluster.Get(Context.System).State.Members.Where(m => m.HasRole(ClusterBootstrap.WorkerRole)))
+            Context.ActorSelection(new RootActorPath(member.Address) / "user" / "worker").Tell(message);
+    }
+
+    string? LatestCommitDirectory() =>
+        _state.NewestCommits.FirstOrDefault() is { } c ? CheckpointFiles.DirectoryFor(CheckpointsDirectory, c.Step) : null;
+
+    string Describe(int rank) => $"worker pid {_workers[rank].ProcessId} on {_workers[rank].Host}";
 
     void Publish(JobEvent e)
     {

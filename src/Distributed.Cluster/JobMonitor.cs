@@ -4,13 +4,20 @@ using Akka.Actor;
 namespace Distributed.Cluster;
 
 /// <summary>Subscribes to the coordinator's job events and hands them to non-actor code through a channel.</summary>
-public sealed class JobMonitor : ReceiveActor
+/// The subscription is renewed every 2 s: a coordinator restarted from its journal does not remember its subscribers.
+public sealed class JobMonitor : ReceiveActor, IWithTimers
 {
+    sealed record Renew;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
     public JobMonitor(IActorRef coordinator, ChannelWriter<JobEvent> events)
     {
         Receive<JobEvent>(e => events.TryWrite(e));
-        coordinator.Tell(new SubscribeToJob(Self));
+        Receive<Renew>(_ => coordinator.Tell(new SubscribeToJob(Self)));
     }
+
+    protected override void PreStart() => Timers.StartPeriodicTimer("renew", new Renew(), TimeSpan.Zero, TimeSpan.FromSeconds(2));
 }
 
 public static class JobEvents

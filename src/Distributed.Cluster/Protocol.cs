@@ -1,27 +1,54 @@
 using Akka.Actor;
+using Distributed.Core;
 using Distributed.Training;
+using Distributed.Training.Checkpoints;
 
 namespace Distributed.Cluster;
 
-// The messages between coordinator, workers and whoever watches the job. Control only: tensors go over gRPC.
+// The messages between coordinator, workers, the launcher and whoever watches the job. Control only: tensors go
+// over the data plane.
 
-/// <summary>Worker -> coordinator: I am here; my data plane listens at <paramref name="DataPlaneEndpoint"/>.</summary>
+/// <summary>Worker -> coordinator: I am here and free; my data plane listens at <paramref name="DataPlaneEndpoint"/>.</summary>
 public sealed record RegisterWorker(IActorRef Worker, string DataPlaneEndpoint, string Host, int ProcessId);
 
-/// <summary>Coordinator -> worker: your rank in generation <paramref name="Generation"/>, your peers, and the job.</summary>
-public sealed record AssignRank(long Generation, int Rank, IReadOnlyList<string> Endpoints, string JobHocon, string? ResumeFrom);
+/// <summary>
+/// Coordinator -> worker: your rank in generation <paramref name="Generation"/>, your peers, the job, the committed
+/// checkpoint to start from (null: from scratch), and the faults this rank is to inject.
+/// </summary>
+public sealed record AssignRank(long Generation, int Rank, IReadOnlyList<string> Endpoints, string JobHocon, string? ResumeFrom, Fault[] Faults);
 
-/// <summary>Worker -> coordinator, every step.</summary>
+/// <summary>Worker -> coordinator: this rank built its model (loading the checkpoint took <paramref name="LoadMs"/>) and trains from <paramref name="FirstStep"/>.</summary>
+public sealed record RankStarted(long Generation, int Rank, long FirstStep, long LastStep, double LoadMs);
+
+/// <summary>Worker -> coordinator, every step (rank 0, throttled).</summary>
 public sealed record StepDone(long Generation, int Rank, StepMetrics Metrics);
 
 /// <summary>Worker -> coordinator, after each evaluation.</summary>
 public sealed record EvalDone(long Generation, int Rank, EvalResult Result);
 
-/// <summary>Worker -> coordinator: training finished on this rank.</summary>
-public sealed record WorkerFinished(long Generation, int Rank, long Step, string? FinalCheckpoint);
+/// <summary>Worker -> coordinator: this rank's shard of the checkpoint at <paramref name="Step"/> is durable (phase one of the commit).</summary>
+public sealed record ShardWritten(long Generation, int Rank, long Step, string Directory, ShardRecord Shard);
 
-/// <summary>Worker -> coordinator: training failed on this rank; <paramref name="FailedPeer"/> when a collective named one.</summary>
-public sealed record WorkerFailed(long Generation, int Rank, string Reason, int? FailedPeer);
+/// <summary>Coordinator -> workers: the checkpoint at <paramref name="Step"/> is committed (phase two).</summary>
+public sealed record CheckpointCommittedNotice(long Generation, long Step, string Directory);
+
+/// <summary>Worker -> coordinator: training finished on this rank (its final shard was reported before).</summary>
+public sealed record WorkerFinished(long Generation, int Rank, long Step);
+
+/// <summary>
+/// Worker -> coordinator: training failed on this rank; <paramref name="FailedPeer"/> when a collective named one.
+/// <paramref name="Fatal"/> when retrying cannot help (bad config, a checkpoint of another model).
+/// </summary>
+public sealed record WorkerFailed(long Generation, int Rank, string Reason, int? FailedPeer, bool Fatal);
+
+/// <summary>Worker or coordinator -> coordinator: an injected fault is about to happen (journaled, so it fires once).</summary>
+public sealed record FaultFired(string Fault, DateTime At);
+
+/// <summary>Coordinator -> workers: generation <paramref name="Generation"/> is over; stop training and register again.</summary>
+public sealed record AbortGeneration(long Generation, string Reason);
+
+/// <summary>Launcher -> coordinator: a process of the job died (the launcher saw it exit), so its node is down.</summary>
+public sealed record ProcessExited(int ProcessId, string Description);
 
 /// <summary>Coordinator -> workers: the job is over; stop.</summary>
 public sealed record Shutdown(bool JobCompleted, string Reason);
@@ -33,8 +60,7 @@ public abstract record JobEvent;
 public sealed record JobStarted(long Generation, int WorldSize, long FirstStep, long LastStep) : JobEvent;
 public sealed record JobStepReport(StepMetrics Metrics, int WorldSize) : JobEvent;
 public sealed record JobEvalReport(EvalResult Result) : JobEvent;
+public sealed record JobCheckpointCommitted(long Step, string Directory) : JobEvent;
+public sealed record JobRecovering(long AbortedGeneration, string Reason, int Restarts, int MaxRestarts) : JobEvent;
 public sealed record JobCompleted(long Step, string? FinalCheckpoint) : JobEvent;
 public sealed record JobFailed(string Reason) : JobEvent;
-
-/// <summary>Worker -> coordinator: this rank's training loop started at <paramref name="FirstStep"/> and runs to <paramref name="LastStep"/>.</summary>
-public sealed record RankStarted(long Generation, int Rank, long FirstStep, long LastStep);

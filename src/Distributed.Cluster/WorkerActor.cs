@@ -2,14 +2,18 @@ using Akka.Actor;
 using Akka.Event;
 using Distributed.Cluster.Config;
 using Distributed.Comm;
+using Distributed.Core;
 using Distributed.Training;
+using Distributed.Training.Checkpoints;
 using Microsoft.Extensions.Logging;
 
 namespace Distributed.Cluster;
 
 /// <summary>
-/// One worker process's actor: registers with the coordinator, and on AssignRank starts the training loop on its
-/// own thread. The loop reports back by message (to this actor, which forwards), so no Receive ever blocks.
+/// One worker process's actor: registers with the coordinator while it is free, and on AssignRank runs the training
+/// loop of that generation on its own thread. The loop reports back by message (to this actor, which forwards), so
+/// no Receive ever blocks. AbortGeneration cancels the loop; once it has stopped, the worker registers again for
+/// the next generation. The process ends only on Shutdown (or when the launcher or the cluster is gone).
 /// </summary>
 public sealed class WorkerActor : ReceiveActor, IWithTimers
 {
@@ -19,8 +23,13 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     readonly TaskCompletionSource<int> _exitCode;
     readonly ILoggingAdapter _log = Context.GetLogger();
     long _generation = -1;
+    int _rank, _worldSize;
+    CancellationTokenSource? _training;   // set while a training thread runs
+    AssignRank? _next;                     // an assignment waiting for the previous thread to stop
+    WorkerFaults? _faults;
 
     sealed record TryRegister;
+    sealed record TrainingStopped(long Generation);
 
     public ITimerScheduler Timers { get; set; } = null!;
 
@@ -33,15 +42,27 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
 
         Receive<TryRegister>(_ => _coordinator.Tell(new RegisterWorker(Self, _node.Endpoint, _node.Host, Environment.ProcessId)));
         Receive<AssignRank>(OnAssignRank);
+        Receive<AbortGeneration>(m =>
+        {
+            if (m.Generation < _generation || _training is null) return;
+            _log.Info("Generation {0} aborted: {1}", m.Generation, m.Reason);
+            _training.Cancel();
+        });
+        Receive<TrainingStopped>(OnTrainingStopped);
+        Receive<CheckpointCommittedNotice>(m =>
+        {
+            if (m.Generation == _generation) _faults?.AfterCommit(m.Step, m.Directory, _rank, _worldSize);
+        });
         Receive<RankStarted>(m => _coordinator.Tell(m));
         Receive<StepDone>(m => _coordinator.Tell(m));
         Receive<EvalDone>(m => _coordinator.Tell(m));
-        // Report first: completing the exit code starts this process's shutdown.
-        Receive<WorkerFinished>(m => { _coordinator.Tell(m); _exitCode.TrySetResult(0); });
-        Receive<WorkerFailed>(m => { _coordinator.Tell(m); _exitCode.TrySetResult(1); });
+        Receive<ShardWritten>(m => _coordinator.Tell(m));
+        Receive<WorkerFinished>(m => _coordinator.Tell(m));
+        Receive<WorkerFailed>(m => _coordinator.Tell(m));
         Receive<Shutdown>(m =>
         {
             _log.Info("Shutting down: {0}", m.Reason);
+            _training?.Cancel();
             _exitCode.TrySetResult(m.JobCompleted ? 0 : 1);
         });
     }
@@ -49,34 +70,57 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     public static Props Props(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode) =>
         Akka.Actor.Props.Create(() => new WorkerActor(node, coordinator, loggerFactory, exitCode));
 
-    protected override void PreStart() =>
-        // Registration is repeated until a rank arrives: the singleton may not be up yet.
-        Timers.StartPeriodicTimer("register", new TryRegister(), TimeSpan.Zero, TimeSpan.FromSeconds(1));
+    // Registration is repeated until a rank arrives: the singleton may not be up yet, or may be restarting.
+    protected override void PreStart() => StartRegistering();
+
+    void StartRegistering() => Timers.StartPeriodicTimer("register", new TryRegister(), TimeSpan.Zero, TimeSpan.FromSeconds(1));
 
     void OnAssignRank(AssignRank m)
     {
         if (m.Generation <= _generation) return;
-        _generation = m.Generation;
         Timers.Cancel("register");
-        var self = Self;
+        if (_training is not null)
+        {
+            // Still winding down an older generation: this one starts when that thread has stopped.
+            _next = m;
+            _training.Cancel();
+            return;
+        }
+        _generation = m.Generation;
+        (_rank, _worldSize) = (m.Rank, m.Endpoints.Count);
+        _training = new CancellationTokenSource();
         var logger = _loggerFactory.CreateLogger($"worker.rank{m.Rank}");
-        var thread = new Thread(() => TrainingLoop(m, self, logger)) { IsBackground = true, Name = $"training-rank-{m.Rank}" };
+        _faults = new WorkerFaults(m.Faults, _coordinator, logger);
+        var (self, token, faults) = (Self, _training.Token, _faults);
+        var thread = new Thread(() => TrainingLoop(m, self, faults, logger, token)) { IsBackground = true, Name = $"training-rank-{m.Rank}" };
         thread.Start();
     }
 
+    void OnTrainingStopped(TrainingStopped m)
+    {
+        if (m.Generation != _generation) return;
+        _training?.Dispose();
+        _training = null;
+        if (_exitCode.Task.IsCompleted) return;
+        if (_next is { } next) { _next = null; OnAssignRank(next); }
+        else StartRegistering();
+    }
+
     /// <summary>Runs on the training thread; talks to the actor only by message.</summary>
-    void TrainingLoop(AssignRank assignment, IActorRef self, Microsoft.Extensions.Logging.ILogger logger)
+    void TrainingLoop(AssignRank assignment, IActorRef self, WorkerFaults faults, Microsoft.Extensions.Logging.ILogger logger, CancellationToken cancellation)
     {
         long generation = assignment.Generation;
         int rank = assignment.Rank;
         try
         {
+            var loading = System.Diagnostics.Stopwatch.StartNew();
             var spec = JobConfigLoader.Parse(assignment.JobHocon, origin: "the coordinator's job");
             _node.BeginGeneration(generation, rank);
             var transport = TransportKinds.Parse(spec.Cluster.Transport);
             var links = new PeerLinks(_node, generation, assignment.Endpoints, transport);
             try
             {
+                faults.Attach(links);
                 var members = Enumerable.Range(0, assignment.Endpoints.Count).ToArray();
                 var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds) };
                 var dataParallel = new ProcessGroup(links, groupId: 0, members, options);
@@ -84,48 +128,63 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 var gradients = spec.Cluster.Compression == "bf16"
                     ? new ProcessGroup(links, groupId: 1, members, options with { Compression = Compression.BFloat16 })
                     : dataParallel;
-                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, dataParallel, gradients);
-                string? lastCheckpoint = null;
-                trainer.Run(new Reporter(self, generation, rank, path => lastCheckpoint = path));
-                self.Tell(new WorkerFinished(generation, rank, trainer.Step, lastCheckpoint));
+                var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename };
+                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, dataParallel, gradients, writer);
+                trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
+                self.Tell(new WorkerFinished(generation, rank, trainer.Step));
             }
             finally
             {
                 links.DisposeAsync().AsTask().GetAwaiter().GetResult();
             }
         }
+        catch (Exception) when (cancellation.IsCancellationRequested)
+        {
+            logger.LogInformation("Rank {Rank} stopped generation {Generation}", rank, generation);
+        }
         catch (Exception e)
         {
             int? peer = (e as PeerFailedException)?.Rank ?? (e.InnerException as PeerFailedException)?.Rank;
             logger.LogError("Training failed on rank {Rank}: {Error}", rank, e.Message);
-            self.Tell(new WorkerFailed(generation, rank, e.Message, peer));
+            self.Tell(new WorkerFailed(generation, rank, e.Message, peer, Fatal: e is UserFacingException));
         }
+        finally
+        {
+            self.Tell(new TrainingStopped(generation));
+        }
+    }
+
+    /// <summary>Phase one of a checkpoint commit: this rank's shard is durable; the coordinator commits when all are.</summary>
+    sealed class ClusterCommit(IActorRef self, long generation) : ICheckpointCommit
+    {
+        public void ShardWritten(long step, string directory, ShardRecord shard) =>
+            self.Tell(new ShardWritten(generation, shard.Rank, step, directory, shard));
     }
 
     /// <summary>
     /// Step reports go out from rank 0 only (the coordinator shows rank 0) and at most every 200 ms: a display needs no
     /// more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps every step.
     /// </summary>
-    sealed class Reporter(IActorRef self, long generation, int rank, Action<string> onCheckpoint) : ITrainingObserver
+    sealed class Reporter(IActorRef self, long generation, int rank, double loadMs, WorkerFaults faults) : ITrainingObserver
     {
         static readonly TimeSpan ReportInterval = TimeSpan.FromMilliseconds(200);
-        readonly System.Diagnostics.Stopwatch _sinceReport = System.Diagnostics.Stopwatch.StartNew();
+        readonly System.Diagnostics.Stopwatch _sinceReport = new();
         long _lastStep;
 
         public void OnStart(long firstStep, long lastStep)
         {
             _lastStep = lastStep;
-            self.Tell(new RankStarted(generation, rank, firstStep, lastStep));
+            self.Tell(new RankStarted(generation, rank, firstStep, lastStep, loadMs));
         }
 
         public void OnStep(StepMetrics metrics)
         {
-            if (rank != 0 || (_sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
+            faults.AfterStep(metrics.Step);
+            if (rank != 0 || (_sinceReport.IsRunning && _sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
             _sinceReport.Restart();
             self.Tell(new StepDone(generation, rank, metrics));
         }
 
         public void OnEval(EvalResult result) => self.Tell(new EvalDone(generation, rank, result));
-        public void OnCheckpoint(long step, string path) => onCheckpoint(path);
     }
 }

@@ -18,6 +18,8 @@ public sealed class PeerLinks : IAsyncDisposable
     readonly Link?[] _links;
     readonly SemaphoreSlim[] _locks;
     readonly CancellationTokenSource _closing = new();
+    readonly TimeSpan[] _delays;
+    readonly bool[] _severed;
     bool _disposed;
 
     /// <summary>Ends an outgoing stream politely if the peer still listens, within 2 s either way.</summary>
@@ -105,6 +107,31 @@ public sealed class PeerLinks : IAsyncDisposable
         _transport = transport;
         _links = new Link?[endpoints.Count];
         _locks = endpoints.Select(_ => new SemaphoreSlim(1, 1)).ToArray();
+        _delays = new TimeSpan[endpoints.Count];
+        _severed = new bool[endpoints.Count];
+    }
+
+    /// <summary>Fault injection: every write to <paramref name="peer"/> waits <paramref name="delay"/> first (a slow link).</summary>
+    public void SetDelay(int peer, TimeSpan delay) => _delays[peer] = delay;
+
+    /// <summary>
+    /// Fault injection: cuts the connection to <paramref name="peer"/>. Writes to it fail from now on, and so does
+    /// whatever waits for its chunks here: the same errors a broken network gives.
+    /// </summary>
+    public async Task SeverAsync(int peer)
+    {
+        await _locks[peer].WaitAsync().ConfigureAwait(false);
+        try
+        {
+            _severed[peer] = true;
+            if (_links[peer] is { } link) await link.DisposeAsync().ConfigureAwait(false);
+            _links[peer] = null;
+        }
+        finally
+        {
+            _locks[peer].Release();
+        }
+        _node.Mailbox.FailPeer(peer, new PeerFailedException(peer, $"the link to rank {peer} was cut"));
     }
 
     public long Generation { get; }
@@ -120,6 +147,8 @@ public sealed class PeerLinks : IAsyncDisposable
         await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
+            if (_severed[destination]) throw new PeerFailedException(destination, $"the link to rank {destination} was cut");
+            if (_delays[destination] > TimeSpan.Zero) await Task.Delay(_delays[destination], cancellationToken).ConfigureAwait(false);
             var link = _links[destination] ??= await ConnectAsync(destination, cancellationToken).ConfigureAwait(false);
             await link.WriteAsync(header, payload, cancellationToken).ConfigureAwait(false);
         }

@@ -26,10 +26,20 @@ public sealed record CheckpointSpec(int Every, int Keep);
 /// </summary>
 public sealed record ClusterSpec(int Workers, string Transport, double BucketMegabytes, double CollectiveTimeoutSeconds, string Compression);
 
+/// <summary>
+/// Where the coordinator journals the job: "sqlite" (a file in the run directory unless ConnectionString names one)
+/// or "postgresql" (ConnectionString, or the DTRAIN_POSTGRES environment variable). SnapshotEvery: events between snapshots.
+/// </summary>
+public sealed record PersistenceSpec(string Provider, string ConnectionString, int SnapshotEvery);
+
+/// <summary>How often a job may lose a generation (a worker, a link, the coordinator) and start a new one before it fails.</summary>
+public sealed record RecoverySpec(int MaxRestarts);
+
 /// <summary>Everything that defines one training job. Built from HOCON by the config loader.</summary>
 public sealed record JobSpec(
     string Name, string RunDir, long Seed, int Threads,
-    DataSpec Data, ModelSpec Model, OptimizerSpec Optimizer, TrainSpec Train, CheckpointSpec Checkpoint, ClusterSpec Cluster)
+    DataSpec Data, ModelSpec Model, OptimizerSpec Optimizer, TrainSpec Train, CheckpointSpec Checkpoint, ClusterSpec Cluster,
+    PersistenceSpec Persistence, RecoverySpec Recovery)
 {
     /// <summary>Checks the relations between keys that one key alone cannot check.</summary>
     public void Validate()
@@ -42,6 +52,8 @@ public sealed record JobSpec(
             throw new ConfigException($"config key 'cluster.transport' must be shm, tcp or grpc, got '{Cluster.Transport}'");
         if (Cluster.Compression is not ("none" or "bf16"))
             throw new ConfigException($"config key 'cluster.compression' must be none or bf16, got '{Cluster.Compression}'");
+        if (Persistence.Provider is not ("sqlite" or "postgresql"))
+            throw new ConfigException($"config key 'persistence.provider' must be sqlite or postgresql, got '{Persistence.Provider}'");
         if (Optimizer.MinLearningRate > Optimizer.LearningRate)
             throw new ConfigException($"config key 'optimizer.min-lr' ({Optimizer.MinLearningRate}) must not exceed 'optimizer.learning-rate' ({Optimizer.LearningRate})");
     }

@@ -31,17 +31,29 @@ public sealed class Trainer : IDisposable
     readonly BatchSampler _trainSampler, _trainEvalSampler, _valSampler;
     readonly AdamW _optimizer;
     readonly IProcessGroup? _dataParallel, _gradients;
+    readonly ShardWriter _checkpoints;
+    readonly LocalCommit? _localCommit;
     GradientBuckets? _buckets;
+    CancellationToken _cancellation;
 
     /// <param name="dataParallel">the data-parallel group (exact float32 collectives)</param>
     /// <param name="gradients">the group gradients are averaged over; defaults to <paramref name="dataParallel"/> (a compressed one may be given)</param>
-    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, IProcessGroup? dataParallel = null, IProcessGroup? gradients = null)
+    /// <param name="checkpoints">writes this rank's checkpoint shards and reports them to the commit; a single process commits its own</param>
+    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, IProcessGroup? dataParallel = null, IProcessGroup? gradients = null,
+        ShardWriter? checkpoints = null)
     {
         _spec = spec;
         _logger = logger;
         _dataParallel = dataParallel;
         _gradients = gradients ?? dataParallel;
         spec.ValidateDataParallel(DataParallelSize);
+        if (checkpoints is null)
+        {
+            if (DataParallelSize > 1) throw new ArgumentException("a data-parallel trainer needs a checkpoint commit that collects every rank's shard", nameof(checkpoints));
+            _localCommit = new LocalCommit(CheckpointDirectory, spec.Checkpoint.Keep, JsonSerializer.Serialize(spec));
+            checkpoints = new ShardWriter(_localCommit);
+        }
+        _checkpoints = checkpoints;
         torch.set_num_threads(spec.Threads > 0 ? spec.Threads : Environment.ProcessorCount);
 
         LoadedCheckpoint? checkpoint = resumeFrom is null ? null : CheckpointFiles.Load(resumeFrom);
@@ -85,6 +97,7 @@ public sealed class Trainer : IDisposable
     /// <summary>Trains until max-iters (or <paramref name="stopAtStep"/>), then writes a final checkpoint.</summary>
     public EvalResult? Run(ITrainingObserver observer, long? stopAtStep = null, CancellationToken cancellationToken = default)
     {
+        _cancellation = cancellationToken;
         long last = Math.Min(_spec.Train.MaxIters, stopAtStep ?? long.MaxValue);
         Directory.CreateDirectory(_spec.RunDir);
         // Flushed every line, so `tail -f metrics.jsonl` follows the run and a killed run keeps every step it logged.
@@ -114,12 +127,11 @@ public sealed class Trainer : IDisposable
                 evals.Flush();
                 observer.OnEval(lastEval);
             }
-            if (IsLeader && (Step % _spec.Checkpoint.Every == 0 || Step == last))
-            {
-                string path = SaveCheckpoint();
-                observer.OnCheckpoint(Step, path);
-            }
+            if (Step % _spec.Checkpoint.Every == 0 || Step == last) BeginCheckpoint();
+            AnnounceCommits(observer);
         }
+        _checkpoints.Wait();
+        AnnounceCommits(observer);
         return lastEval;
     }
 
@@ -196,7 +208,8 @@ public sealed class Trainer : IDisposable
     /// </summary>
     void Collective(Func<CancellationToken, Task> operation)
     {
-        using var deadline = new CancellationTokenSource(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_cancellation);
+        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
         operation(deadline.Token).GetAwaiter().GetResult();
     }
 
@@ -258,12 +271,24 @@ public sealed class Trainer : IDisposable
         ["vocab"] = _corpus.Tokenizer.Vocabulary,
     };
 
-    public string SaveCheckpoint()
+    /// <summary>
+    /// Starts writing this rank's shard of the state at this step (ranks split the tensors between them); the write
+    /// overlaps the following steps, and the commit happens when every shard has been reported.
+    /// </summary>
+    public void BeginCheckpoint()
     {
-        var (path, sha, bytes) = CheckpointFiles.Write(CheckpointDirectory, Step, StateTensors(), StateMetadata());
-        CheckpointFiles.Retain(CheckpointDirectory, _spec.Checkpoint.Keep);
-        _logger.LogDebug("Checkpoint {Path} ({Bytes} bytes, sha256 {Sha})", path, bytes, sha);
-        return path;
+        var metadata = StateMetadata();
+        metadata["shard"] = $"{DataParallelRank}/{DataParallelSize}";
+        _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), DataParallelRank, DataParallelSize,
+            CheckpointFiles.ShardOf(StateTensors(), DataParallelRank, DataParallelSize), metadata);
+    }
+
+    /// <summary>Waits for the shard being written, if any.</summary>
+    public void FinishCheckpoint() => _checkpoints.Wait();
+
+    void AnnounceCommits(ITrainingObserver observer)
+    {
+        while (_localCommit is not null && _localCommit.TryTake(out var committed)) observer.OnCheckpoint(committed.Step, committed.Directory);
     }
 
     void Restore(LoadedCheckpoint checkpoint)
@@ -277,6 +302,7 @@ public sealed class Trainer : IDisposable
 
     public void Dispose()
     {
+        _checkpoints.Dispose();
         _optimizer.Dispose();
         Model.Dispose();
     }

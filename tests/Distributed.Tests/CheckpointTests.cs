@@ -9,46 +9,78 @@ public class CheckpointTests
 {
     sealed class Quiet : ITrainingObserver;
 
-    [Fact]
-    public void SafeTensorsRoundTrip()
+    static string Commit(string checkpoints, long step, params (string Name, TorchSharp.torch.Tensor Tensor)[][] shards)
     {
-        string dir = TestSupport.TempDir("roundtrip");
+        string dir = CheckpointFiles.DirectoryFor(checkpoints, step);
+        var records = shards.Select((tensors, rank) => CheckpointFiles.WriteShard(dir, rank, shards.Length, tensors,
+            new Dictionary<string, string> { ["step"] = step.ToString(), ["note"] = "x\"y" })).ToArray();
+        CheckpointFiles.WriteManifest(dir, new CheckpointManifest(Trainer.CheckpointFormat, step, 1, records, "{}"));
+        return dir;
+    }
+
+    [Fact]
+    public void ShardsRoundTripAndMergeOnLoad()
+    {
+        string checkpoints = TestSupport.TempDir("roundtrip");
         using var a = randn(3, 5);
         using var b = arange(7, dtype: ScalarType.Int64);
-        var (path, sha, bytes) = CheckpointFiles.Write(dir, 12, [("a", a), ("b", b)], new Dictionary<string, string> { ["step"] = "12", ["note"] = "x\"y" });
-        Assert.EndsWith("step-00000012.safetensors", path);
-        Assert.Equal(new FileInfo(path).Length, bytes);
-        Assert.Equal($"{sha}  step-00000012.safetensors\n", File.ReadAllText(path + ".sha256"));
-        using var loaded = CheckpointFiles.Load(path);
+        string dir = Commit(checkpoints, 12, [("a", a)], [("b", b)]);
+        Assert.EndsWith("step-00000012", dir);
+        var manifest = CheckpointFiles.ReadManifest(dir);
+        Assert.Equal(["shard-0-of-2.safetensors", "shard-1-of-2.safetensors"], manifest.Shards.Select(s => s.File));
+        foreach (var shard in manifest.Shards)
+        {
+            string path = Path.Combine(dir, shard.File);
+            Assert.Equal(new FileInfo(path).Length, shard.Bytes);
+            Assert.Equal(CheckpointFiles.Sha256Of(path), shard.Sha256);
+        }
+        using var loaded = CheckpointFiles.Load(dir);
         Assert.Equal("x\"y", loaded.Metadata["note"]);
         Assert.True(loaded.Tensors["a"].bytes.SequenceEqual(a.bytes));
         Assert.True(loaded.Tensors["b"].bytes.SequenceEqual(b.bytes));
-        Assert.False(File.Exists(path + ".tmp"));
+        Assert.Empty(Directory.GetFiles(dir, "*.tmp"));
     }
 
     [Fact]
-    public void CorruptCheckpointIsRejectedAndTheNewestValidOneIsUsed()
+    public void ShardsSplitTheStateEvenlyAndCompletely()
     {
-        string dir = TestSupport.TempDir("corrupt");
+        var state = Enumerable.Range(0, 9).Select(i => ($"t{i}", zeros(10 * (i + 1)))).ToList();
+        var shards = Enumerable.Range(0, 3).Select(r => CheckpointFiles.ShardOf(state, r, 3)).ToList();
+        Assert.Equal(state.Select(s => s.Item1).Order(), shards.SelectMany(s => s.Select(t => t.Name)).Order());
+        var bytes = shards.Select(s => s.Sum(t => t.Tensor.NumberOfElements * 4)).ToList();
+        Assert.True(bytes.Max() - bytes.Min() <= 90 * 4, string.Join(", ", bytes));
+        foreach (var (_, t) in state) t.Dispose();
+    }
+
+    [Fact]
+    public void CorruptCheckpointIsRejectedNamingTheFileAndBothHashesAndTheNewestValidOneIsUsed()
+    {
+        string checkpoints = TestSupport.TempDir("corrupt");
         using var t = ones(100);
-        var (older, _, _) = CheckpointFiles.Write(dir, 1, [("t", t)], new Dictionary<string, string>());
-        var (newer, sha, _) = CheckpointFiles.Write(dir, 2, [("t", t)], new Dictionary<string, string>());
-        using (var f = new FileStream(newer, FileMode.Open)) { f.Position = f.Length - 3; f.WriteByte(0x7f); }
+        string older = Commit(checkpoints, 1, [("t", t)]);
+        string newer = Commit(checkpoints, 2, [("t", t)]);
+        string shard = Path.Combine(newer, CheckpointFiles.ShardName(0, 1));
+        string sha = CheckpointFiles.ReadManifest(newer).Shards[0].Sha256;
+        using (var f = new FileStream(shard, FileMode.Open)) { f.Position = f.Length - 3; f.WriteByte(0x7f); }
         var error = Assert.Throws<CheckpointException>(() => CheckpointFiles.Load(newer));
-        Assert.Contains(newer, error.Message);
+        Assert.Contains(shard, error.Message);
         Assert.Contains(sha, error.Message);
-        Assert.Equal(older, CheckpointFiles.FindNewestValid(dir, TestSupport.Logger));
+        Assert.Contains(CheckpointFiles.Sha256Of(shard), error.Message);
+        Assert.Equal(older, CheckpointFiles.FindNewestValid(checkpoints, TestSupport.Logger));
     }
 
     [Fact]
-    public void RetentionKeepsTheNewest()
+    public void RetentionKeepsTheNewestCommitsAndDropsAbandonedOnes()
     {
-        string dir = TestSupport.TempDir("retain");
+        string checkpoints = TestSupport.TempDir("retain");
         using var t = ones(1);
-        foreach (var step in new[] { 10, 20, 30, 40 }) CheckpointFiles.Write(dir, step, [("t", t)], new Dictionary<string, string>());
-        CheckpointFiles.Retain(dir, keep: 2);
-        Assert.Equal(new long[] { 40, 30 }, CheckpointFiles.List(dir).Select(c => c.Step));
-        Assert.Equal(2, Directory.GetFiles(dir, "*.sha256").Length);
+        foreach (var step in new[] { 10, 20, 30, 40 }) Commit(checkpoints, step, [("t", t)]);
+        // Shards of an aborted generation that never committed: older than the newest commit, so abandoned.
+        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 35), 0, 2, [("t", t)], new Dictionary<string, string>());
+        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 50), 0, 2, [("t", t)], new Dictionary<string, string>());
+        CheckpointFiles.Retain(checkpoints, keep: 2);
+        Assert.Equal(new long[] { 40, 30 }, CheckpointFiles.List(checkpoints).Select(c => c.Step));
+        Assert.Equal(["step-00000030", "step-00000040", "step-00000050"], Directory.GetDirectories(checkpoints).Select(Path.GetFileName).Order());
     }
 
     [Fact]
@@ -59,7 +91,7 @@ public class CheckpointTests
         var specB = TestSupport.TinyJob(straight, "checkpoint.every=10", "model.dropout=0.1");
 
         using (var first = new Trainer(specA, TestSupport.Logger)) first.Run(new Quiet(), stopAtStep: 10);
-        string at10 = Path.Combine(interrupted, "checkpoints", CheckpointFiles.FileName(10));
+        string at10 = Path.Combine(interrupted, "checkpoints", CheckpointFiles.DirectoryName(10));
         using (var resumed = new Trainer(specA, TestSupport.Logger, at10))
         {
             Assert.Equal(10, resumed.Step);
@@ -67,8 +99,8 @@ public class CheckpointTests
         }
         using (var whole = new Trainer(specB, TestSupport.Logger)) whole.Run(new Quiet());
 
-        using var a = CheckpointFiles.Load(Path.Combine(interrupted, "checkpoints", CheckpointFiles.FileName(20)));
-        using var b = CheckpointFiles.Load(Path.Combine(straight, "checkpoints", CheckpointFiles.FileName(20)));
+        using var a = CheckpointFiles.Load(Path.Combine(interrupted, "checkpoints", CheckpointFiles.DirectoryName(20)));
+        using var b = CheckpointFiles.Load(Path.Combine(straight, "checkpoints", CheckpointFiles.DirectoryName(20)));
         Assert.Equal(b.Tensors.Keys.Order(), a.Tensors.Keys.Order());
         Assert.Contains(a.Tensors.Keys, k => k.StartsWith("optim.exp_avg_sq.", StringComparison.Ordinal));
         foreach (var (name, tensor) in b.Tensors)
@@ -86,7 +118,7 @@ public class CheckpointTests
     {
         string dir = TestSupport.TempDir("shape");
         using (var trainer = new Trainer(TestSupport.TinyJob(dir, "train.max-iters=1"), TestSupport.Logger)) trainer.Run(new Quiet());
-        string path = Path.Combine(dir, "checkpoints", CheckpointFiles.FileName(1));
+        string path = Path.Combine(dir, "checkpoints", CheckpointFiles.DirectoryName(1));
         var wider = TestSupport.TinyJob(dir, "model.n-embd=48");
         var error = Assert.Throws<CheckpointException>(() => new Trainer(wider, TestSupport.Logger, path));
         Assert.Contains("tensor 'model.wte.weight' has shape [65, 32], the model needs [65, 48]", error.Message);

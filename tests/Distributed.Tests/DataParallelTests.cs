@@ -41,8 +41,8 @@ public class DataParallelTests
         for (int i = 0; i < expected.Length; i++)
             Assert.True(Math.Abs(actual[i] - expected[i]) <= 1e-5 * Math.Abs(expected[i]), $"step {i + 1}: loss {actual[i]} vs single-process {expected[i]}");
 
-        using var a = CheckpointFiles.Load(Path.Combine(single, "checkpoints", CheckpointFiles.FileName(20)));
-        using var b = CheckpointFiles.Load(Path.Combine(parallel, "checkpoints", CheckpointFiles.FileName(20)));
+        using var a = CheckpointFiles.Load(Path.Combine(single, "checkpoints", CheckpointFiles.DirectoryName(20)));
+        using var b = CheckpointFiles.Load(Path.Combine(parallel, "checkpoints", CheckpointFiles.DirectoryName(20)));
         foreach (var (name, tensor) in a.Tensors.Where(t => t.Key.StartsWith("model.", StringComparison.Ordinal)))
         {
             double diff = (tensor - b.Tensors[name]).abs().max().item<float>();
@@ -86,8 +86,8 @@ public class DataParallelTests
         Assert.Equal(20, actual.Length);
         for (int i = 0; i < 20; i++)
             Assert.True(Math.Abs(actual[i] - expected[i]) <= 1e-5 * expected[i], $"step {i + 1}: {actual[i]} vs uninterrupted {expected[i]}");
-        using var a = CheckpointFiles.Load(Path.Combine(resumed, "checkpoints", CheckpointFiles.FileName(20)));
-        using var b = CheckpointFiles.Load(Path.Combine(straight, "checkpoints", CheckpointFiles.FileName(20)));
+        using var a = CheckpointFiles.Load(Path.Combine(resumed, "checkpoints", CheckpointFiles.DirectoryName(20)));
+        using var b = CheckpointFiles.Load(Path.Combine(straight, "checkpoints", CheckpointFiles.DirectoryName(20)));
         foreach (var (name, tensor) in a.Tensors)
             Assert.True((tensor - b.Tensors[name]).abs().max().item<float>() <= 1e-4, $"{name} differs");
     }

@@ -62,7 +62,7 @@ public class ModelTests
         using var a = new Gpt(Small, 11, seed: 7);
         using var b = new Gpt(Small, 11, seed: 7);
         using var c = new Gpt(Small, 11, seed: 8);
-        Assert.All(a.parameters().Zip(b.parameters()), pair => Assert.True(pair.First.bytes.SequenceEqual(pair.Second.bytes)));
+        Assert.All(a.parameters().Zip(b.parameters()), pair => Assert.True(pair.Item1.bytes.SequenceEqual(pair.Item2.bytes)));
         Assert.False(a.parameters().First().bytes.SequenceEqual(c.parameters().First().bytes));
     }
 

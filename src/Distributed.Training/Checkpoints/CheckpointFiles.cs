@@ -1,4 +1,5 @@
 using System.Security.Cryptography;
+using System.Text.Json;
 using Distributed.Core;
 using Microsoft.Extensions.Logging;
 using TorchSharp;
@@ -6,7 +7,22 @@ using static TorchSharp.torch;
 
 namespace Distributed.Training.Checkpoints;
 
-/// <summary>A checkpoint read back from disk: its metadata and its tensors by name.</summary>
+/// <summary>One shard file of a checkpoint, as its writer reported it and the commit recorded it.</summary>
+public sealed record ShardRecord(int Rank, string File, string Sha256, long Bytes);
+
+/// <summary>
+/// Written after a checkpoint is committed (every shard reported): what the checkpoint holds and how to check it.
+/// A checkpoint directory without a manifest was never committed.
+/// </summary>
+public sealed record CheckpointManifest(string Format, long Step, long Generation, ShardRecord[] Shards, string Job);
+
+/// <summary>A shard whose bytes are not the ones recorded at commit.</summary>
+public sealed record ShardMismatch(string Path, string Expected, string Actual)
+{
+    public override string ToString() => $"'{Path}' has SHA-256 {Actual}, recorded {Expected}";
+}
+
+/// <summary>A checkpoint read back from disk (all shards merged): its metadata and its tensors by name.</summary>
 public sealed class LoadedCheckpoint(string path, Dictionary<string, string> metadata, Dictionary<string, Tensor> tensors) : IDisposable
 {
     public string Path { get; } = path;
@@ -38,21 +54,47 @@ public sealed class LoadedCheckpoint(string path, Dictionary<string, string> met
 }
 
 /// <summary>
-/// Checkpoint files on disk: <c>step-00000250.safetensors</c> plus <c>step-00000250.safetensors.sha256</c> in
-/// sha256sum's format. Written atomically (temporary file, fsync, rename), verified before every load.
+/// Checkpoints on disk, one directory per step: <c>checkpoints/step-00000250/shard-0-of-2.safetensors</c>, ... and
+/// <c>manifest.json</c>. Every rank writes its own shard (temporary file, fsync, rename) and reports its SHA-256;
+/// the manifest is written only once all shards are in (the commit), and every load verifies every shard.
 /// </summary>
 public static class CheckpointFiles
 {
-    const string Extension = ".safetensors";
+    public const string ManifestName = "manifest.json";
+    const string Prefix = "step-";
+    static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
-    public static string FileName(long step) => $"step-{step:D8}{Extension}";
+    public static string DirectoryName(long step) => $"{Prefix}{step:D8}";
+    public static string DirectoryFor(string checkpoints, long step) => Path.Combine(checkpoints, DirectoryName(step));
+    public static string ShardName(int rank, int count) => $"shard-{rank}-of-{count}.safetensors";
 
-    /// <summary>Writes a checkpoint atomically and returns its path and SHA-256 (hex).</summary>
-    public static (string Path, string Sha256, long Bytes) Write(string directory, long step,
-        IReadOnlyList<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string> metadata)
+    /// <summary>
+    /// Which state tensors shard <paramref name="rank"/> of <paramref name="count"/> holds: whole tensors, dealt in
+    /// order to the shard with the fewest bytes so far, so shards are balanced and the split is the same on every rank.
+    /// </summary>
+    public static IReadOnlyList<(string Name, Tensor Tensor)> ShardOf(IReadOnlyList<(string Name, Tensor Tensor)> state, int rank, int count)
+    {
+        var load = new long[count];
+        var mine = new List<(string, Tensor)>();
+        foreach (var entry in state)
+        {
+            int owner = Array.IndexOf(load, load.Min());
+            load[owner] += entry.Tensor.NumberOfElements * entry.Tensor.ElementSize;
+            if (owner == rank) mine.Add(entry);
+        }
+        return mine;
+    }
+
+    /// <summary>
+    /// Writes one shard atomically into <paramref name="directory"/> and returns what the commit records.
+    /// <paramref name="beforeRename"/> runs once the bytes are durable in the temporary file (fault injection).
+    /// </summary>
+    public static ShardRecord WriteShard(string directory, int rank, int count, IReadOnlyList<(string Name, Tensor Tensor)> tensors,
+        IReadOnlyDictionary<string, string> metadata, Action? beforeRename = null)
     {
         Directory.CreateDirectory(directory);
-        string path = System.IO.Path.Combine(directory, FileName(step));
+        string name = ShardName(rank, count);
+        string path = Path.Combine(directory, name);
         string temp = path + ".tmp";
         byte[] hash;
         using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
@@ -60,89 +102,129 @@ public static class CheckpointFiles
             hash = SafeTensors.Write(stream, tensors, metadata);
             stream.Flush(flushToDisk: true);
         }
-        string hex = Convert.ToHexStringLower(hash);
         long bytes = new FileInfo(temp).Length;
-        // The hash lands first, so a visible checkpoint always has one; a hash file without data is ignored.
-        WriteAllTextDurably(path + ".sha256", $"{hex}  {System.IO.Path.GetFileName(path)}\n");
+        beforeRename?.Invoke();
         File.Move(temp, path, overwrite: true);
-        return (path, hex, bytes);
+        return new ShardRecord(rank, name, Convert.ToHexStringLower(hash), bytes);
     }
 
-    /// <summary>Checkpoint files in a directory, newest step first.</summary>
-    public static IReadOnlyList<(long Step, string Path)> List(string directory)
+    /// <summary>Writes the manifest (atomically, durably): from now on the checkpoint is visible to loaders.</summary>
+    public static void WriteManifest(string directory, CheckpointManifest manifest)
     {
-        if (!Directory.Exists(directory)) return [];
-        return Directory.EnumerateFiles(directory, "step-*" + Extension)
-            .Select(p => (Step: ParseStep(p), Path: p))
-            .Where(p => p.Step >= 0)
-            .OrderByDescending(p => p.Step)
-            .ToList();
-    }
-
-    /// <summary>Verifies a checkpoint file against the SHA-256 recorded beside it; returns (ok, expected, actual).</summary>
-    public static (bool Ok, string Expected, string Actual) Verify(string path)
-    {
-        if (!File.Exists(path)) throw new CheckpointException($"checkpoint '{path}' does not exist");
-        string hashFile = path + ".sha256";
-        if (!File.Exists(hashFile)) throw new CheckpointException($"checkpoint '{path}' has no recorded hash ('{hashFile}' is missing)");
-        string expected = File.ReadAllText(hashFile).Split(' ', 2)[0].Trim();
-        using var stream = File.OpenRead(path);
-        string actual = Convert.ToHexStringLower(SHA256.HashData(stream));
-        return (string.Equals(expected, actual, StringComparison.OrdinalIgnoreCase), expected, actual);
-    }
-
-    /// <summary>The newest checkpoint in <paramref name="directory"/> whose hash verifies; corrupt ones are logged and skipped.</summary>
-    public static string? FindNewestValid(string directory, ILogger logger)
-    {
-        foreach (var (_, path) in List(directory))
+        Directory.CreateDirectory(directory);
+        string path = Path.Combine(directory, ManifestName);
+        string temp = path + ".tmp";
+        using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write))
         {
-            var (ok, expected, actual) = Verify(path);
-            if (ok) return path;
-            logger.LogWarning("Checkpoint {Path} is corrupt: SHA-256 {Actual}, recorded {Expected}; trying an older one", path, actual, expected);
+            JsonSerializer.Serialize(stream, manifest, Indented);
+            stream.Flush(flushToDisk: true);
+        }
+        File.Move(temp, path, overwrite: true);
+    }
+
+    public static CheckpointManifest ReadManifest(string directory)
+    {
+        string path = Path.Combine(directory, ManifestName);
+        if (!File.Exists(path)) throw new CheckpointException($"checkpoint '{directory}' has no {ManifestName}: it was never committed");
+        try
+        {
+            return JsonSerializer.Deserialize<CheckpointManifest>(File.ReadAllText(path))
+                ?? throw new CheckpointException($"checkpoint manifest '{path}' is empty");
+        }
+        catch (JsonException e)
+        {
+            throw new CheckpointException($"checkpoint manifest '{path}' is unreadable: {e.Message}");
+        }
+    }
+
+    /// <summary>Committed checkpoints (those with a manifest) in a checkpoints directory, newest step first.</summary>
+    public static IReadOnlyList<(long Step, string Path)> List(string checkpoints) =>
+        AllDirectories(checkpoints).Where(c => File.Exists(Path.Combine(c.Path, ManifestName))).ToList();
+
+    /// <summary>The shards whose bytes differ from <paramref name="shards"/> (the manifest's, by default); empty when all verify.</summary>
+    public static IReadOnlyList<ShardMismatch> Verify(string directory, IReadOnlyList<ShardRecord>? shards = null)
+    {
+        shards ??= ReadManifest(directory).Shards;
+        var bad = new List<ShardMismatch>();
+        foreach (var shard in shards)
+        {
+            string path = Path.Combine(directory, shard.File);
+            string actual = File.Exists(path) ? Sha256Of(path) : "(missing file)";
+            if (!string.Equals(actual, shard.Sha256, StringComparison.OrdinalIgnoreCase)) bad.Add(new ShardMismatch(path, shard.Sha256, actual));
+        }
+        return bad;
+    }
+
+    public static string Sha256Of(string path)
+    {
+        using var stream = File.OpenRead(path);
+        return Convert.ToHexStringLower(SHA256.HashData(stream));
+    }
+
+    /// <summary>The newest committed checkpoint whose shards all verify; corrupt ones are logged (file and both hashes) and skipped.</summary>
+    public static string? FindNewestValid(string checkpoints, ILogger logger)
+    {
+        foreach (var (_, path) in List(checkpoints))
+        {
+            var bad = Verify(path);
+            if (bad.Count == 0) return path;
+            logger.LogWarning("Checkpoint {Path} is corrupt: {Problems}; falling back to an older one", path, string.Join("; ", bad));
         }
         return null;
     }
 
-    /// <summary>Loads a checkpoint after verifying its hash.</summary>
-    public static LoadedCheckpoint Load(string path)
+    /// <summary>Loads a committed checkpoint: verifies every shard against the manifest, then merges them.</summary>
+    public static LoadedCheckpoint Load(string directory)
     {
-        var (ok, expected, actual) = Verify(path);
-        if (!ok) throw new CheckpointException($"checkpoint '{path}' is corrupt: SHA-256 {actual}, recorded {expected}");
-        using var stream = File.OpenRead(path);
-        var (metadata, entries, dataStart) = SafeTensors.ReadHeader(stream, path);
+        if (File.Exists(directory)) throw new CheckpointException($"'{directory}' is a file: a checkpoint is a directory holding {ManifestName} and its shards");
+        var manifest = ReadManifest(directory);
+        var bad = Verify(directory, manifest.Shards);
+        if (bad.Count > 0) throw new CheckpointException($"checkpoint '{directory}' is corrupt: {string.Join("; ", bad)}");
+        Dictionary<string, string>? metadata = null;
         var tensors = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-        foreach (var entry in entries)
-            tensors[entry.Name] = SafeTensors.ReadTensor(stream, dataStart, entry, path).DetachFromDisposeScope();
-        return new LoadedCheckpoint(path, metadata, tensors);
+        try
+        {
+            foreach (var shard in manifest.Shards.OrderBy(s => s.Rank))
+            {
+                string path = Path.Combine(directory, shard.File);
+                using var stream = File.OpenRead(path);
+                var (shardMetadata, entries, dataStart) = SafeTensors.ReadHeader(stream, path);
+                metadata ??= shardMetadata;
+                foreach (var entry in entries)
+                    tensors[entry.Name] = SafeTensors.ReadTensor(stream, dataStart, entry, path).DetachFromDisposeScope();
+            }
+        }
+        catch
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+            throw;
+        }
+        return new LoadedCheckpoint(directory, metadata ?? [], tensors);
     }
 
-    /// <summary>Deletes all but the newest <paramref name="keep"/> checkpoints. Called only after a newer one is durable.</summary>
-    public static void Retain(string directory, int keep)
+    /// <summary>
+    /// Deletes committed checkpoints beyond the newest <paramref name="keep"/>, and uncommitted directories older than
+    /// the newest commit (abandoned by an aborted generation). Called only after that newest commit is durable.
+    /// </summary>
+    public static void Retain(string checkpoints, int keep)
     {
-        foreach (var (_, path) in List(directory).Skip(keep))
+        var committed = List(checkpoints);
+        if (committed.Count == 0) return;
+        long newest = committed[0].Step;
+        var kept = committed.Take(keep).Select(c => c.Path).ToHashSet();
+        foreach (var (step, path) in AllDirectories(checkpoints))
         {
-            File.Delete(path);
-            File.Delete(path + ".sha256");
+            bool isCommitted = File.Exists(Path.Combine(path, ManifestName));
+            if (isCommitted ? !kept.Contains(path) : step < newest) Directory.Delete(path, recursive: true);
         }
     }
 
-    static long ParseStep(string path)
+    static IEnumerable<(long Step, string Path)> AllDirectories(string checkpoints)
     {
-        string name = System.IO.Path.GetFileName(path);
-        string digits = name["step-".Length..^Extension.Length];
-        return long.TryParse(digits, out long step) ? step : -1;
-    }
-
-    static void WriteAllTextDurably(string path, string text)
-    {
-        string temp = path + ".tmp";
-        using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write))
-        using (var writer = new StreamWriter(stream))
-        {
-            writer.Write(text);
-            writer.Flush();
-            stream.Flush(flushToDisk: true);
-        }
-        File.Move(temp, path, overwrite: true);
+        if (!Directory.Exists(checkpoints)) return [];
+        return Directory.EnumerateDirectories(checkpoints, Prefix + "*")
+            .Select(p => (Step: long.TryParse(Path.GetFileName(p)[Prefix.Length..], out long s) ? s : -1, Path: p))
+            .Where(p => p.Step >= 0)
+            .OrderByDescending(p => p.Step);
     }
 }

@@ -1,0 +1,109 @@
+using System.Diagnostics;
+
+namespace Distributed.Cli;
+
+/// <summary>One process of a local simulation: its role, its command line, and the last lines it printed.</summary>
+sealed class ChildProcess
+{
+    public required string Role { get; init; }
+    public required string[] Arguments { get; init; }
+    public required Process Process { get; init; }
+    public Queue<string> Tail { get; } = new();
+
+    public string LastOutput
+    {
+        get { lock (Tail) return Tail.LastOrDefault(l => l.Trim().Length > 0)?.Trim() ?? "(no output)"; }
+    }
+
+    public string DescribeExit()
+    {
+        int code = Process.ExitCode;
+        string how = code > 128 ? $"was killed by signal {code - 128}" : $"exited with code {code}";
+        return $"{Role} pid {Process.Id} {how}; its last output: {LastOutput}";
+    }
+}
+
+/// <summary>
+/// The processes of a local simulation (the role torchrun's agent plays): one coordinator and N workers, real OS
+/// processes running <c>dtrain coordinator</c> / <c>dtrain worker</c>. A process that dies is replaced by a new one
+/// with the same command line, until the job ends; on every way out all of them are stopped. Each child also
+/// watches this process and exits if it disappears.
+/// </summary>
+sealed class JobProcesses : IDisposable
+{
+    readonly List<ChildProcess> _children = [];
+    readonly object _gate = new();
+
+    public JobProcesses(string[] coordinatorArguments, int workers, string seed)
+    {
+        Start("coordinator", [.. coordinatorArguments, "--parent-pid", Environment.ProcessId.ToString()]);
+        for (int i = 0; i < workers; i++) Start("worker", ["worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString()]);
+    }
+
+    public IReadOnlyList<ChildProcess> Children { get { lock (_gate) return _children.ToList(); } }
+
+    public int Restarts { get; private set; }
+
+    /// <summary>Completes with the first child (of those running now) that exits.</summary>
+    public async Task<ChildProcess> NextExit(CancellationToken cancellationToken)
+    {
+        var running = Children;
+        var exited = await Task.WhenAny(running.Select(async c => { await c.Process.WaitForExitAsync(cancellationToken); return c; }));
+        return await exited;
+    }
+
+    /// <summary>Starts a replacement for a child that exited: same role, same command line.</summary>
+    public ChildProcess Replace(ChildProcess dead)
+    {
+        lock (_gate)
+        {
+            _children.Remove(dead);
+            Restarts++;
+        }
+        dead.Process.Dispose();
+        return Start(dead.Role, dead.Arguments);
+    }
+
+    ChildProcess Start(string role, string[] arguments)
+    {
+        var info = SelfProcess.StartInfo(arguments);
+        info.RedirectStandardOutput = true;
+        info.RedirectStandardError = true;
+        info.Environment["DOTNET_gcServer"] = "0";
+        var process = Process.Start(info) ?? throw new InvalidOperationException($"could not start a {role} process");
+        var child = new ChildProcess { Role = role, Arguments = arguments, Process = process };
+        void Keep(string? line)
+        {
+            if (line is null) return;
+            lock (child.Tail) { child.Tail.Enqueue(line); if (child.Tail.Count > 20) child.Tail.Dequeue(); }
+            if (line.Contains("fail:", StringComparison.Ordinal) || line.Contains("crit:", StringComparison.Ordinal) ||
+                line.Contains("Fault injection", StringComparison.Ordinal))
+                Console.Error.WriteLine($"[{role} pid {process.Id}] {line.Trim()}");
+        }
+        process.OutputDataReceived += (_, e) => Keep(e.Data);
+        process.ErrorDataReceived += (_, e) => Keep(e.Data);
+        process.BeginOutputReadLine();
+        process.BeginErrorReadLine();
+        lock (_gate) _children.Add(child);
+        return child;
+    }
+
+    public void Dispose()
+    {
+        var grace = Stopwatch.StartNew();
+        foreach (var child in Children)
+        {
+            var process = child.Process;
+            try
+            {
+                // A process that was told to stop gets up to 3 s (in total) to exit by itself; then it is killed.
+                var left = TimeSpan.FromSeconds(3) - grace.Elapsed;
+                if (left > TimeSpan.Zero) process.WaitForExit(left);
+                if (!process.HasExited) process.Kill(entireProcessTree: true);
+                process.WaitForExit(5000);
+            }
+            catch (InvalidOperationException) { }
+            process.Dispose();
+        }
+    }
+}

@@ -1,0 +1,37 @@
+using Distributed.Core;
+using Distributed.Training.Checkpoints;
+
+namespace Distributed.Cluster;
+
+// What the coordinator journals (Akka.Persistence.Sql): enough to resume the job after any process, the
+// coordinator's own included, is lost. Replaying these events rebuilds JobState.
+
+public sealed record JobSubmitted(string JobHocon, int Workers, DateTime At);
+public sealed record GenerationStarted(long Generation, int WorldSize, long ResumeStep, DateTime At);
+public sealed record GenerationAborted(long Generation, string Reason, DateTime At);
+public sealed record CheckpointCommitted(long Step, long Generation, ShardRecord[] Shards, DateTime At);
+public sealed record FaultInjected(string Fault, DateTime At);
+public sealed record JobEnded(bool Completed, long Step, string Reason, DateTime At);
+
+/// <summary>The job as the journal knows it; also the snapshot's payload.</summary>
+public sealed record JobState(
+    string? JobHocon, long Generation, int Restarts, CheckpointCommitted[] Commits, FaultInjected[] FiredFaults, JobEnded? End)
+{
+    public static readonly JobState Empty = new(null, 0, 0, [], [], null);
+
+    public JobState Apply(object e) => e switch
+    {
+        JobSubmitted s => this with { JobHocon = s.JobHocon },
+        GenerationStarted g => this with { Generation = g.Generation },
+        GenerationAborted => this with { Restarts = Restarts + 1 },
+        CheckpointCommitted c => this with { Commits = [.. Commits.Where(x => x.Step != c.Step), c] },
+        FaultInjected f => this with { FiredFaults = [.. FiredFaults, f] },
+        JobEnded end => this with { End = end },
+        _ => this,
+    };
+
+    public bool HasFired(Fault fault) => FiredFaults.Any(f => f.Fault == fault.Text);
+
+    /// <summary>Commits newest first.</summary>
+    public IEnumerable<CheckpointCommitted> NewestCommits => Commits.OrderByDescending(c => c.Step);
+}

@@ -1,0 +1,84 @@
+using System.Diagnostics;
+using Akka.Actor;
+using Distributed.Comm;
+using Distributed.Core;
+using Distributed.Training.Checkpoints;
+using Microsoft.Extensions.Logging;
+
+namespace Distributed.Cluster;
+
+/// <summary>
+/// The faults one rank injects into its own generation: real SIGKILLs of this process, a real cut of a peer
+/// connection, real added latency, real bytes flipped on disk. Each is reported to the coordinator (which journals
+/// it, so it fires once per job) just before it happens.
+/// </summary>
+sealed class WorkerFaults(IReadOnlyList<Fault> faults, IActorRef coordinator, ILogger logger)
+{
+    static readonly TimeSpan ReportGrace = TimeSpan.FromMilliseconds(200);
+    PeerLinks? _links;
+
+    public bool Any => faults.Count > 0;
+
+    public void Attach(PeerLinks links)
+    {
+        _links = links;
+        foreach (var f in faults.Where(f => f.Kind == FaultKind.DelayLink))
+        {
+            Report(f, DateTime.UtcNow);
+            links.SetDelay(f.Peer, TimeSpan.FromMilliseconds(f.DelayMs));
+        }
+    }
+
+    /// <summary>On the training thread, after each optimizer step.</summary>
+    public void AfterStep(long step)
+    {
+        foreach (var f in faults.Where(f => f.Step == step))
+        {
+            if (f.Kind == FaultKind.KillWorker) KillThisProcess(f);
+            if (f.Kind == FaultKind.DropLink && _links is not null)
+            {
+                Report(f, DateTime.UtcNow);
+                _links.SeverAsync(f.Peer).GetAwaiter().GetResult();
+            }
+        }
+    }
+
+    /// <summary>On the writer thread, when this rank's shard is durable in its temporary file but not yet renamed or reported.</summary>
+    public void BeforeRename(long step)
+    {
+        var f = faults.FirstOrDefault(f => f.Kind == FaultKind.KillDuringCheckpoint && f.Step == step);
+        if (f is not null) KillThisProcess(f);
+    }
+
+    /// <summary>
+    /// When the checkpoint at <paramref name="step"/> is committed: flips bytes of this rank's shard, then dies, so the
+    /// next generation must notice the corruption and fall back to the previous commit.
+    /// </summary>
+    public void AfterCommit(long step, string directory, int rank, int worldSize)
+    {
+        var f = faults.FirstOrDefault(f => f.Kind == FaultKind.CorruptShard && f.Step == step);
+        if (f is null) return;
+        string path = Path.Combine(directory, CheckpointFiles.ShardName(rank, worldSize));
+        using (var file = new FileStream(path, FileMode.Open, FileAccess.ReadWrite))
+        {
+            file.Position = file.Length / 2;
+            int b = file.ReadByte();
+            file.Position = file.Length / 2;
+            file.WriteByte((byte)(b ^ 0xFF));
+            file.Flush(flushToDisk: true);
+        }
+        logger.LogWarning("Fault injection: {Fault}: flipped a byte of {Path}", f.Text, path);
+        KillThisProcess(f);
+    }
+
+    void KillThisProcess(Fault f)
+    {
+        // The report leaves before the process dies; its time is the moment of the kill.
+        Report(f, DateTime.UtcNow + ReportGrace);
+        logger.LogWarning("Fault injection: {Fault}: SIGKILL to this worker (pid {Pid})", f.Text, Environment.ProcessId);
+        Thread.Sleep(ReportGrace);
+        Process.GetCurrentProcess().Kill();
+    }
+
+    void Report(Fault f, DateTime at) => coordinator.Tell(new FaultFired(f.Text, at));
+}

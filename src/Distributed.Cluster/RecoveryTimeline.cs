@@ -1,0 +1,55 @@
+using System.Text.Json;
+
+namespace Distributed.Cluster;
+
+/// <summary>
+/// Times one recovery, from the fault (when one was injected) to the first completed step of the next generation,
+/// split into detection, waiting for workers (a replacement process starting), and checkpoint load; appended to
+/// recovery.jsonl in the run directory. Plain data kept by the coordinator actor: no locking needed.
+/// </summary>
+sealed class RecoveryTimeline(string path)
+{
+    DateTime? _faultAt, _detectedAt, _generationAt, _startedAt;
+    string? _fault, _reason;
+    double _loadMs;
+    long _abortedGeneration;
+
+    public void FaultFired(string fault, DateTime at) => (_fault, _faultAt) = (fault, at);
+
+    public void Detected(long generation, string reason) => (_abortedGeneration, _reason, _detectedAt) = (generation, reason, DateTime.UtcNow);
+
+    public void GenerationStarted(long generation)
+    {
+        if (_detectedAt is not null) _generationAt = DateTime.UtcNow;
+    }
+
+    public void RankStarted(double loadMs)
+    {
+        if (_generationAt is null) return;
+        _loadMs = loadMs;
+        _startedAt = DateTime.UtcNow;
+    }
+
+    public void FirstStep(long generation, long step)
+    {
+        if (_generationAt is null || _startedAt is null || _detectedAt is null) return;
+        var now = DateTime.UtcNow;
+        static double? Ms(DateTime? from, DateTime? to) => from is null || to is null ? null : Math.Round((to.Value - from.Value).TotalMilliseconds, 1);
+        var record = new
+        {
+            aborted_generation = _abortedGeneration, generation, fault = _fault, reason = _reason, resumed_step = step,
+            detection_ms = Ms(_faultAt, _detectedAt),
+            waiting_for_workers_ms = Ms(_detectedAt, _generationAt),
+            start_and_checkpoint_load_ms = Ms(_generationAt, _startedAt), checkpoint_load_ms = Math.Round(_loadMs, 1),
+            first_step_ms = Ms(_startedAt, now),
+            fault_to_first_step_ms = Ms(_faultAt ?? _detectedAt, now),
+        };
+        try
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+            File.AppendAllText(path, JsonSerializer.Serialize(record) + "\n");
+        }
+        catch (IOException) { }   // a timing record is not worth failing the job over
+        (_fault, _faultAt, _detectedAt, _generationAt, _startedAt) = (null, null, null, null, null);
+    }
+}
