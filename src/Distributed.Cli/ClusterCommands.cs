@@ -93,7 +93,7 @@ static class CoordinatorCommand
                 Environment.ProcessId, cluster.SelfAddress, spec.Persistence.Provider, count);
             try
             {
-                var coordinator = ClusterRoles.StartCoordinator(system, spec, count, plan, parse.GetValue(resumeFrom));
+                var coordinator = ClusterRoles.StartCoordinator(system, spec, count, plan, parse.GetValue(resumeFrom), logger);
                 var events = JobEvents.Subscribe(system, coordinator);
                 var observer = new LogLineObserver(logger, spec.Train.LogInterval);
                 var parentGone = WorkerCommand.WaitForParentExit(parse.GetValue(parent), cancellationToken);

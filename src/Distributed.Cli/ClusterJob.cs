@@ -30,7 +30,9 @@ static class ClusterJob
         File.WriteAllText(JobFile(spec), JobConfigLoader.ToHocon(spec));
         CoordinatorPersistence.RunId(spec.RunDir);
 
-        var system = ClusterBootstrap.Start(LauncherRole, "127.0.0.1", 0, []);
+        // The launcher's own Akka log stays quiet: every kill makes remoting report a disassociation, and what
+        // matters is logged by the job.
+        var system = ClusterBootstrap.Start(LauncherRole, "127.0.0.1", 0, [], "akka.loglevel = OFF\nakka.stdout-loglevel = OFF");
         var cluster = Akka.Cluster.Cluster.Get(system);
         cluster.Join(cluster.SelfAddress);   // the launcher is the seed and the oldest node: keep-oldest keeps it
         string seed = $"{cluster.SelfAddress.Host}:{cluster.SelfAddress.Port}";
@@ -44,7 +46,7 @@ static class ClusterJob
         int maxReplacements = (spec.Recovery.MaxRestarts + 1) * (workers + 1);
         logger.LogInformation("Launcher at akka.tcp://{System}@{Seed}: starting a coordinator and {Workers} workers", ClusterBootstrap.SystemName, seed, workers);
         // Disposed after the actor system has stopped: processes told to shut down get a moment to exit by themselves.
-        using var processes = new JobProcesses(coordinatorArguments, workers, seed);
+        using var processes = new JobProcesses(coordinatorArguments, workers, seed, Path.Combine(spec.RunDir, "logs"));
         try
         {
             var coordinator = ClusterRoles.CoordinatorProxy(system);
@@ -68,7 +70,7 @@ static class ClusterJob
                             throw new UserFacingException($"{what}; {processes.Restarts} processes were replaced already, giving up");
                         logger.LogWarning("{What}; starting a replacement", what);
                         if (dead.Role == "worker") coordinator.Tell(new ProcessExited(dead.Process.Id, dead.Process.ExitCode > 128 ? "was killed" : "exited"));
-                        else DownUnreachable(cluster, ClusterBootstrap.CoordinatorRole);
+                        else DownDeadCoordinator(cluster);
                         processes.Replace(dead);
                         exit = processes.NextExit(stop.Token);
                         continue;
@@ -121,17 +123,12 @@ static class ClusterJob
     }
 
     /// <summary>
-    /// A process of <paramref name="role"/> died (this launcher saw it exit): down its node as soon as the failure
-    /// detector marks it unreachable, so its replacement can take over (a singleton moves only once the old node is down).
+    /// The coordinator's process died (this launcher saw it exit) and its replacement has not started yet, so the one
+    /// coordinator-role member is the dead one: down it now, without waiting for the failure detector, so the
+    /// replacement can take the singleton over (a singleton moves only once the old node is down).
     /// </summary>
-    static void DownUnreachable(Akka.Cluster.Cluster cluster, string role) => _ = Task.Run(async () =>
+    static void DownDeadCoordinator(Akka.Cluster.Cluster cluster)
     {
-        for (int i = 0; i < 40; i++)
-        {
-            var dead = cluster.State.Unreachable.Where(m => m.HasRole(role)).ToList();
-            foreach (var member in dead) cluster.Down(member.Address);
-            if (dead.Count > 0) return;
-            await Task.Delay(250);
-        }
-    });
+        foreach (var member in cluster.State.Members.Where(m => m.HasRole(ClusterBootstrap.CoordinatorRole))) cluster.Down(member.Address);
+    }
 }

@@ -33,9 +33,13 @@ sealed class JobProcesses : IDisposable
 {
     readonly List<ChildProcess> _children = [];
     readonly object _gate = new();
+    readonly string _logDirectory;
 
-    public JobProcesses(string[] coordinatorArguments, int workers, string seed)
+    /// <param name="logDirectory">every child's output goes to role-pid.log here (warnings and errors also to this console)</param>
+    public JobProcesses(string[] coordinatorArguments, int workers, string seed, string logDirectory)
     {
+        _logDirectory = logDirectory;
+        Directory.CreateDirectory(logDirectory);
         Start("coordinator", [.. coordinatorArguments, "--parent-pid", Environment.ProcessId.ToString()]);
         for (int i = 0; i < workers; i++) Start("worker", ["worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString()]);
     }
@@ -72,12 +76,14 @@ sealed class JobProcesses : IDisposable
         info.Environment["DOTNET_gcServer"] = "0";
         var process = Process.Start(info) ?? throw new InvalidOperationException($"could not start a {role} process");
         var child = new ChildProcess { Role = role, Arguments = arguments, Process = process };
+        var log = new StreamWriter(Path.Combine(_logDirectory, $"{role}-{process.Id}.log")) { AutoFlush = true };
         void Keep(string? line)
         {
             if (line is null) return;
+            lock (log) log.WriteLine(line);
             lock (child.Tail) { child.Tail.Enqueue(line); if (child.Tail.Count > 20) child.Tail.Dequeue(); }
-            if (line.Contains("fail:", StringComparison.Ordinal) || line.Contains("crit:", StringComparison.Ordinal) ||
-                line.Contains("Fault injection", StringComparison.Ordinal))
+            if (line.Contains("warn:", StringComparison.Ordinal) || line.Contains("fail:", StringComparison.Ordinal) ||
+                line.Contains("crit:", StringComparison.Ordinal))
                 Console.Error.WriteLine($"[{role} pid {process.Id}] {line.Trim()}");
         }
         process.OutputDataReceived += (_, e) => Keep(e.Data);

@@ -1,12 +1,12 @@
 using System.Diagnostics;
 using System.Text.Json;
 using Akka.Actor;
-using Akka.Event;
 using Akka.Persistence;
 using Distributed.Cluster.Config;
 using Distributed.Core;
 using Distributed.Training;
 using Distributed.Training.Checkpoints;
+using Microsoft.Extensions.Logging;
 
 namespace Distributed.Cluster;
 
@@ -28,7 +28,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
     readonly Dictionary<long, Dictionary<int, ShardRecord>> _pendingShards = [];
-    readonly ILoggingAdapter _log = Context.GetLogger();
+    readonly ILogger _log;
     readonly RecoveryTimeline _timeline;
     JobState _state = JobState.Empty;
     long _finalStep = -1;
@@ -36,8 +36,9 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
 
     /// <param name="resumeFrom">a committed checkpoint to start from when the journal holds none (--resume of another run)</param>
-    public CoordinatorActor(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId)
+    public CoordinatorActor(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId, ILogger logger)
     {
+        _log = logger;
         _resumeFrom = resumeFrom;
         _spec = spec;
         _jobHocon = JobConfigLoader.ToHocon(spec);
@@ -53,8 +54,8 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     public override string PersistenceId { get; }
 
-    public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId) =>
-        Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, persistenceId));
+    public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId, ILogger logger) =>
+        Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, persistenceId, logger));
 
     string CheckpointsDirectory => Path.Combine(_spec.RunDir, "checkpoints");
 
@@ -70,7 +71,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             Record(new JobSubmitted(_jobHocon, _expectedWorkers, DateTime.UtcNow), _ => { });
         else
         {
-            _log.Info("Coordinator recovered the journal: generation {0}, {1} commits (newest step {2}), {3} restarts",
+            _log.LogInformation("Coordinator recovered the journal: generation {Generation}, {Commits} commits (newest step {Step}), {Restarts} restarts",
                 _state.Generation, _state.Commits.Length, _state.NewestCommits.FirstOrDefault()?.Step ?? 0, _state.Restarts);
             // Workers still training an older generation are told to stop and register again.
             if (_state.Generation > 0)
@@ -95,7 +96,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
                 if (_workers.Any(w => w.Worker.Equals(m.Worker))) return;
                 _workers.Add(m);
                 Context.Watch(m.Worker);
-                _log.Info("Worker pid {0} registered ({1}/{2}), data plane {3}", m.ProcessId, _workers.Count, _expectedWorkers, m.DataPlaneEndpoint);
+                _log.LogInformation("Worker pid {Pid} registered ({Count}/{Expected}), data plane {Endpoint}", m.ProcessId, _workers.Count, _expectedWorkers, m.DataPlaneEndpoint);
                 if (_workers.Count == _expectedWorkers) BecomeStarting();
             });
             Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
@@ -147,10 +148,10 @@ public sealed class CoordinatorActor : ReceivePersistentActor
                     if (!File.Exists(Path.Combine(directory, CheckpointFiles.ManifestName))) WriteManifest(directory, commit);
                     return new ResumePointChosen(directory, commit.Step, null);
                 }
-                _log.Warning("Checkpoint at step {0} is corrupt: {1}; falling back to the previous commit", commit.Step, string.Join("; ", bad));
+                _log.LogWarning("Checkpoint at step {Step} is corrupt: {Problems}; falling back to the previous commit", commit.Step, string.Join("; ", bad));
             }
             if (_resumeFrom is not null && commits.Count == 0) return new ResumePointChosen(null, 0, $"checkpoint '{_resumeFrom}' does not verify");
-            if (candidates.Count > 0) _log.Warning("No committed checkpoint verifies: starting from step 0");
+            if (candidates.Count > 0) _log.LogWarning("No committed checkpoint verifies: starting from step 0");
             return new ResumePointChosen(null, 0, null);
         }
         catch (Exception e) when (e is CheckpointException or IOException)
@@ -167,12 +168,12 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         _pendingShards.Clear();
         _finalStep = -1;
         var endpoints = _workers.Select(w => w.DataPlaneEndpoint).ToList();
-        var pending = _faults.Where(f => !_state.HasFired(f) && f.Kind != FaultKind.KillCoordinator).ToArray();
+        var pending = _faults.Where(f => !_state.HasFired(f)).ToArray();
         for (int rank = 0; rank < _workers.Count; rank++)
             _workers[rank].Worker.Tell(new AssignRank(generation, rank, endpoints, _jobHocon, resumeFrom,
-                pending.Where(f => f.Rank == rank).ToArray()));
+                pending.Where(f => f.Rank == rank || (rank == 0 && f.Kind == FaultKind.KillCoordinator)).ToArray()));
         _timeline.GenerationStarted(generation);
-        _log.Info("Generation {0} started with {1} workers from {2}", generation, _workers.Count, resumeFrom ?? "scratch");
+        _log.LogInformation("Generation {Generation} started with {Workers} workers from {Checkpoint}", generation, _workers.Count, resumeFrom ?? "scratch");
         Become(() => Running(generation));
     }
 
@@ -190,8 +191,6 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         {
             _timeline.FirstStep(generation, m.Metrics.Step);
             Publish(new JobStepReport(m.Metrics, _workers.Count));
-            var killMe = _faults.FirstOrDefault(f => f.Kind == FaultKind.KillCoordinator && m.Metrics.Step >= f.Step && !_state.HasFired(f));
-            if (killMe is not null) Record(new FaultInjected(killMe.Text, DateTime.UtcNow), _ => KillThisProcess(killMe));
         });
         Command<EvalDone>(m => m.Generation == generation && m.Rank == 0, m => Publish(new JobEvalReport(m.Result)));
         Command<ShardWritten>(m => m.Generation == generation, m => OnShardWritten(generation, m));
@@ -200,7 +199,12 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             _finished.Add(m.Rank);
             TryComplete();
         });
-        Command<FaultFired>(m => Record(new FaultInjected(m.Fault, m.At), _ => _timeline.FaultFired(m.Fault, m.At)));
+        Command<FaultFired>(m => Record(new FaultInjected(m.Fault, m.At), _ =>
+        {
+            _timeline.FaultFired(m.Fault, m.At);
+            // Rank 0 announces kill-coordinator at the exact step; the coordinator journals it (so it fires once) and dies.
+            if (_faults.FirstOrDefault(f => f.Text == m.Fault && f.Kind == FaultKind.KillCoordinator) is { } fault) KillThisProcess(fault);
+        }));
         Command<WorkerFailed>(m => m.Generation == generation, m =>
         {
             string who = m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
@@ -243,8 +247,8 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             {
                 WriteManifest(directory, commit);
                 CheckpointFiles.Retain(checkpoints, keep);
-            }).ContinueWith(t => { if (t.IsFaulted) _log.Error(t.Exception, "Writing the manifest of {0} failed", directory); });
-            _log.Info("Checkpoint at step {0} committed ({1} shards, {2:N0} bytes)", m.Step, commit.Shards.Length, commit.Shards.Sum(s => s.Bytes));
+            }).ContinueWith(t => { if (t.IsFaulted) _log.LogError(t.Exception, "Writing the manifest of {Directory} failed", directory); });
+            _log.LogInformation("Checkpoint at step {Step} committed ({Shards} shards, {Bytes:N0} bytes)", m.Step, commit.Shards.Length, commit.Shards.Sum(s => s.Bytes));
             Publish(new JobCheckpointCommitted(m.Step, directory));
             foreach (var w in _workers) w.Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, directory));
             TryComplete();
@@ -275,7 +279,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
                 End(new JobFailed($"{reason}; giving up after {_spec.Recovery.MaxRestarts} restarts (recovery.max-restarts)"));
                 return;
             }
-            _log.Warning("Generation {0} aborted: {1}. Restart {2} of {3}: waiting for {4} workers", generation, reason, _state.Restarts,
+            _log.LogWarning("Generation {Generation} aborted: {Reason}. Restart {Restart} of {Max}: waiting for {Workers} workers", generation, reason, _state.Restarts,
                 _spec.Recovery.MaxRestarts, _expectedWorkers);
             Publish(new JobRecovering(generation, reason, _state.Restarts, _spec.Recovery.MaxRestarts));
             BecomeWaitingForWorkers();
@@ -309,7 +313,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     {
         Command<SubscribeToJob>(m => _subscribers.Add(m.Subscriber));
         Command<SaveSnapshotSuccess>(_ => { });
-        Command<SaveSnapshotFailure>(f => _log.Warning("Snapshot failed: {0}", f.Cause.Message));
+        Command<SaveSnapshotFailure>(f => _log.LogWarning("Snapshot failed: {Error}", f.Cause.Message));
     }
 
     /// <summary>Persists an event, applies it to the state, snapshots every persistence.snapshot-every events.</summary>
@@ -322,7 +326,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     void KillThisProcess(Fault fault)
     {
-        _log.Warning("Fault injection: {0}: SIGKILL to the coordinator (pid {1})", fault.Text, Environment.ProcessId);
+        _log.LogWarning("Fault injection: {Fault}: SIGKILL to the coordinator (pid {Pid})", fault.Text, Environment.ProcessId);
         Process.GetCurrentProcess().Kill();
     }
 

@@ -35,6 +35,7 @@ sealed class WorkerFaults(IReadOnlyList<Fault> faults, IActorRef coordinator, IL
         foreach (var f in faults.Where(f => f.Step == step))
         {
             if (f.Kind == FaultKind.KillWorker) KillThisProcess(f);
+            if (f.Kind == FaultKind.KillCoordinator) Report(f, DateTime.UtcNow);   // the coordinator kills itself on this report
             if (f.Kind == FaultKind.DropLink && _links is not null)
             {
                 Report(f, DateTime.UtcNow);
