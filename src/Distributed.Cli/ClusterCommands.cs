@@ -73,9 +73,13 @@ static class CoordinatorCommand
         var faults = new Option<string[]>("--fault") { Description = $"inject a fault: {Core.Faults.Kinds}" };
         var faultSeed = new Option<long>("--fault-seed") { Description = "seed of --fault random:COUNT", DefaultValueFactory = _ => 1 };
         var resumeFrom = new Option<string?>("--resume-from") { Description = "a committed checkpoint to start from when the journal has none" };
+        var submission = new Option<string?>("--submission")
+        {
+            Description = "id of the job submission this coordinator serves; a restart with the same id continues it (default: a new submission)",
+        };
         var parent = new Option<int?>("--parent-pid") { Description = "exit when this process is gone (set by `dtrain train`)" };
         var command = new Command("coordinator", "run the coordinator node and wait for workers (dtrain worker --seed HOST:PORT)")
-            { config, set, workers, host, port, seed, faults, faultSeed, resumeFrom, parent };
+            { config, set, workers, host, port, seed, faults, faultSeed, resumeFrom, submission, parent };
         command.SetAction(async (parse, cancellationToken) =>
         {
             var spec = Distributed.Cluster.Config.JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
@@ -93,7 +97,8 @@ static class CoordinatorCommand
                 Environment.ProcessId, cluster.SelfAddress, spec.Persistence.Provider, count);
             try
             {
-                var coordinator = ClusterRoles.StartCoordinator(system, spec, count, plan, parse.GetValue(resumeFrom), logger);
+                var coordinator = ClusterRoles.StartCoordinator(system, spec, count, plan, parse.GetValue(resumeFrom),
+                    parse.GetValue(submission) ?? Guid.NewGuid().ToString("N"), logger);
                 var events = JobEvents.Subscribe(system, coordinator);
                 var observer = new LogLineObserver(logger, spec.Train.LogInterval);
                 var parentGone = WorkerCommand.WaitForParentExit(parse.GetValue(parent), cancellationToken);

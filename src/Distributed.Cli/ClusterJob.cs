@@ -38,7 +38,8 @@ static class ClusterJob
         string seed = $"{cluster.SelfAddress.Host}:{cluster.SelfAddress.Port}";
         string[] coordinatorArguments =
         [
-            "coordinator", "--config", JobFile(spec), "--workers", workers.ToString(), "--seed", seed, "--port", "0", "--fault-seed", faultSeed.ToString(),
+            "coordinator", "--config", JobFile(spec), "--workers", workers.ToString(), "--seed", seed, "--port", "0",
+            "--submission", Guid.NewGuid().ToString("N"), "--fault-seed", faultSeed.ToString(),
             .. faultArguments.SelectMany(f => new[] { "--fault", f }),
             .. resumeFrom is null ? Array.Empty<string>() : ["--resume-from", resumeFrom],
         ];

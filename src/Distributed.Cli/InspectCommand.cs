@@ -53,7 +53,7 @@ static class InspectCommand
             state = state.Apply(e);
             string line = e switch
             {
-                JobSubmitted s => $"{s.At:O}  job submitted: {s.Workers} workers",
+                JobSubmitted s => $"{s.At:O}  job submitted ({s.Submission[..8]}): {s.Workers} workers",
                 GenerationStarted g => $"{g.At:O}  generation {g.Generation} started: {g.WorldSize} workers, from step {g.ResumeStep}",
                 GenerationAborted a => $"{a.At:O}  generation {a.Generation} aborted: {a.Reason}",
                 CheckpointCommitted c => $"{c.At:O}  checkpoint committed at step {c.Step} (generation {c.Generation}): " +

@@ -9,7 +9,7 @@ static class SampleCommand
 {
     public static Command Create()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "a .safetensors checkpoint", Required = true };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "a checkpoint directory (runs/NAME/checkpoints/step-NNNNNNNN)", Required = true };
         var prompt = new Option<string>("--prompt") { Description = "text to continue", DefaultValueFactory = _ => "\n" };
         var tokens = new Option<int>("--tokens") { Description = "characters to generate", DefaultValueFactory = _ => 500 };
         var temperature = new Option<double>("--temperature") { Description = "0 = greedy; 1 = the model's distribution", DefaultValueFactory = _ => 0.8 };

@@ -65,6 +65,10 @@ static class TrainCommand
         {
             from = ResolveResume(resumePath ?? spec.RunDir, logger);
         }
+        else if (resuming && !HoldsAJob(spec.RunDir))
+        {
+            throw new CheckpointException($"no checkpoint to resume from in '{resumePath ?? spec.RunDir}'");
+        }
         else if (!resuming && HoldsAJob(spec.RunDir))
         {
             if (!overwrite)

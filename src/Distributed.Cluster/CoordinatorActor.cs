@@ -24,6 +24,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly int _expectedWorkers;
     readonly IReadOnlyList<Fault> _faults;
     readonly string? _resumeFrom;
+    readonly string _submission;
     readonly List<RegisterWorker> _workers = [];
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
@@ -36,8 +37,10 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
 
     /// <param name="resumeFrom">a committed checkpoint to start from when the journal holds none (--resume of another run)</param>
-    public CoordinatorActor(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId, ILogger logger)
+    /// <param name="submission">identifies the `dtrain train` invocation this coordinator serves (see <see cref="JobSubmitted"/>)</param>
+    public CoordinatorActor(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string submission, string persistenceId, ILogger logger)
     {
+        _submission = submission;
         _log = logger;
         _resumeFrom = resumeFrom;
         _spec = spec;
@@ -54,21 +57,25 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     public override string PersistenceId { get; }
 
-    public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string persistenceId, ILogger logger) =>
-        Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, persistenceId, logger));
+    public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string submission, string persistenceId, ILogger logger) =>
+        Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, submission, persistenceId, logger));
 
     string CheckpointsDirectory => Path.Combine(_spec.RunDir, "checkpoints");
 
     void OnRecovered()
     {
-        if (_state.End is { } ended)
+        if (_state.Submission != _submission)
+        {
+            // A new submission: a fresh attempt (restart budget, outcome) over the journal's commits.
+            if (_state.Generation > 0) TellWorkerNodes(new AbortGeneration(_state.Generation, "the job was submitted again"));
+            Record(new JobSubmitted(_submission, _jobHocon, _expectedWorkers, DateTime.UtcNow), _ => { });
+        }
+        else if (_state.End is { } ended)
         {
             Become(() => Ended(ended.Completed ? new JobCompleted(ended.Step, LatestCommitDirectory()) : new JobFailed(ended.Reason)));
             Stash.UnstashAll();
             return;
         }
-        if (_state.JobHocon is null)
-            Record(new JobSubmitted(_jobHocon, _expectedWorkers, DateTime.UtcNow), _ => { });
         else
         {
             _log.LogInformation("Coordinator recovered the journal: generation {Generation}, {Commits} commits (newest step {Step}), {Restarts} restarts",

@@ -6,7 +6,12 @@ namespace Distributed.Cluster;
 // What the coordinator journals (Akka.Persistence.Sql): enough to resume the job after any process, the
 // coordinator's own included, is lost. Replaying these events rebuilds JobState.
 
-public sealed record JobSubmitted(string JobHocon, int Workers, DateTime At);
+/// <summary>
+/// A `dtrain train` (or --resume) started the job: <paramref name="Submission"/> identifies that invocation, so a
+/// coordinator restarted within it continues, while a new one (a resume, possibly with more steps or another
+/// worker count) starts a new attempt on the same journal and commits.
+/// </summary>
+public sealed record JobSubmitted(string Submission, string JobHocon, int Workers, DateTime At);
 public sealed record GenerationStarted(long Generation, int WorldSize, long ResumeStep, DateTime At);
 public sealed record GenerationAborted(long Generation, string Reason, DateTime At);
 public sealed record CheckpointCommitted(long Step, long Generation, ShardRecord[] Shards, DateTime At);
@@ -15,13 +20,13 @@ public sealed record JobEnded(bool Completed, long Step, string Reason, DateTime
 
 /// <summary>The job as the journal knows it; also the snapshot's payload.</summary>
 public sealed record JobState(
-    string? JobHocon, long Generation, int Restarts, CheckpointCommitted[] Commits, FaultInjected[] FiredFaults, JobEnded? End)
+    string? Submission, string? JobHocon, long Generation, int Restarts, CheckpointCommitted[] Commits, FaultInjected[] FiredFaults, JobEnded? End)
 {
-    public static readonly JobState Empty = new(null, 0, 0, [], [], null);
+    public static readonly JobState Empty = new(null, null, 0, 0, [], [], null);
 
     public JobState Apply(object e) => e switch
     {
-        JobSubmitted s => this with { JobHocon = s.JobHocon },
+        JobSubmitted s => this with { Submission = s.Submission, JobHocon = s.JobHocon, Restarts = 0, End = null },
         GenerationStarted g => this with { Generation = g.Generation },
         GenerationAborted => this with { Restarts = Restarts + 1 },
         CheckpointCommitted c => this with { Commits = [.. Commits.Where(x => x.Step != c.Step), c] },

@@ -12,7 +12,7 @@ namespace Distributed.Cluster;
 /// connection, real added latency, real bytes flipped on disk. Each is reported to the coordinator (which journals
 /// it, so it fires once per job) just before it happens.
 /// </summary>
-sealed class WorkerFaults(IReadOnlyList<Fault> faults, IActorRef coordinator, ILogger logger)
+sealed class WorkerFaults(IReadOnlyList<Fault> faults, int rank, int worldSize, IActorRef coordinator, ILogger logger)
 {
     static readonly TimeSpan ReportGrace = TimeSpan.FromMilliseconds(200);
     PeerLinks? _links;
@@ -32,15 +32,18 @@ sealed class WorkerFaults(IReadOnlyList<Fault> faults, IActorRef coordinator, IL
     /// <summary>On the training thread, after each optimizer step.</summary>
     public void AfterStep(long step)
     {
-        foreach (var f in faults.Where(f => f.Step == step))
+        foreach (var f in faults)
         {
-            if (f.Kind == FaultKind.KillWorker) KillThisProcess(f);
-            if (f.Kind == FaultKind.KillCoordinator) Report(f, DateTime.UtcNow);   // the coordinator kills itself on this report
-            if (f.Kind == FaultKind.DropLink && _links is not null)
+            if (f.Kind == FaultKind.KillWorker && f.Step == step) KillThisProcess(f);
+            if (f.Kind == FaultKind.KillCoordinator && f.Step == step) Report(f, DateTime.UtcNow);   // the coordinator kills itself on this report
+            if (f.Kind == FaultKind.DropLink && f.Step == step && _links is not null)
             {
                 Report(f, DateTime.UtcNow);
                 _links.SeverAsync(f.Peer).GetAwaiter().GetResult();
             }
+            // One step after its shard was handed to the writer, this rank waits for the commit, so the corrupted
+            // checkpoint is the newest committed one when the process dies.
+            if (f.Kind == FaultKind.CorruptShard && f.Step + 1 == step) CorruptCommittedShardAndDie(f);
         }
     }
 
@@ -51,14 +54,26 @@ sealed class WorkerFaults(IReadOnlyList<Fault> faults, IActorRef coordinator, IL
         if (f is not null) KillThisProcess(f);
     }
 
-    /// <summary>
-    /// When the checkpoint at <paramref name="step"/> is committed: flips bytes of this rank's shard, then dies, so the
-    /// next generation must notice the corruption and fall back to the previous commit.
-    /// </summary>
-    public void AfterCommit(long step, string directory, int rank, int worldSize)
+    /// <summary>On the actor, when the coordinator reports a commit.</summary>
+    public void Committed(long step, string directory)
     {
-        var f = faults.FirstOrDefault(f => f.Kind == FaultKind.CorruptShard && f.Step == step);
-        if (f is null) return;
+        lock (_commits) _commits[step] = directory;
+        _committed.Set();
+    }
+
+    readonly Dictionary<long, string> _commits = [];
+    readonly AutoResetEvent _committed = new(false);
+
+    void CorruptCommittedShardAndDie(Fault f)
+    {
+        string? directory = null;
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while (DateTime.UtcNow < deadline)
+        {
+            lock (_commits) if (_commits.TryGetValue(f.Step, out directory)) break;
+            _committed.WaitOne(TimeSpan.FromMilliseconds(100));
+        }
+        if (directory is null) throw new TimeoutException($"fault {f.Text}: the checkpoint at step {f.Step} was not committed within 60 s");
         string path = Path.Combine(directory, CheckpointFiles.ShardName(rank, worldSize));
         using (var file = new FileStream(path, FileMode.Open, FileAccess.ReadWrite))
         {

@@ -23,7 +23,6 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     readonly TaskCompletionSource<int> _exitCode;
     readonly ILoggingAdapter _log = Context.GetLogger();
     long _generation = -1;
-    int _rank, _worldSize;
     CancellationTokenSource? _training;   // set while a training thread runs
     AssignRank? _next;                     // an assignment waiting for the previous thread to stop
     WorkerFaults? _faults;
@@ -51,7 +50,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<TrainingStopped>(OnTrainingStopped);
         Receive<CheckpointCommittedNotice>(m =>
         {
-            if (m.Generation == _generation) _faults?.AfterCommit(m.Step, m.Directory, _rank, _worldSize);
+            if (m.Generation == _generation) _faults?.Committed(m.Step, m.Directory);
         });
         Receive<RankStarted>(m => _coordinator.Tell(m));
         Receive<StepDone>(m => _coordinator.Tell(m));
@@ -87,10 +86,9 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             return;
         }
         _generation = m.Generation;
-        (_rank, _worldSize) = (m.Rank, m.Endpoints.Count);
         _training = new CancellationTokenSource();
         var logger = _loggerFactory.CreateLogger($"worker.rank{m.Rank}");
-        _faults = new WorkerFaults(m.Faults, _coordinator, logger);
+        _faults = new WorkerFaults(m.Faults, m.Rank, m.Endpoints.Count, _coordinator, logger);
         var (self, token, faults) = (Self, _training.Token, _faults);
         var thread = new Thread(() => TrainingLoop(m, self, faults, logger, token)) { IsBackground = true, Name = $"training-rank-{m.Rank}" };
         thread.Start();

@@ -146,12 +146,14 @@ public sealed class DataPlaneNode : IAsyncDisposable
     {
         lock (_inboundRings)
         {
+            foreach (var (_, stop, _) in _inboundRings) stop.Cancel();
             foreach (var (ring, stop, reader) in _inboundRings)
             {
-                stop.Cancel();
-                reader.Join(TimeSpan.FromSeconds(2));
-                ring.Dispose();
                 File.Delete(ring.Path);
+                // Unmapping a ring its reader still touches would crash the process: a reader that does not stop in
+                // time (a starved machine) keeps its mapping, which costs memory, not correctness.
+                if (reader.Join(TimeSpan.FromSeconds(10))) ring.Dispose();
+                else _logger.LogWarning("The reader of shared-memory ring {Path} did not stop within 10 s; its mapping stays", ring.Path);
                 stop.Dispose();
             }
             _inboundRings.Clear();

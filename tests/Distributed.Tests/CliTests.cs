@@ -36,7 +36,7 @@ public class CliTests
     public void MissingAndCorruptCheckpointsAreOneLineErrors()
     {
         string dir = TestSupport.TempDir("cli-ckpt");
-        AssertOneLineError(TestSupport.RunCli(dir, "sample", "--checkpoint", "none.safetensors"), "checkpoint 'none.safetensors' does not exist");
+        AssertOneLineError(TestSupport.RunCli(dir, "sample", "--checkpoint", "none"), "checkpoint 'none' does not exist");
         AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--resume", "--set", "run.dir=empty-run", "--set", $"data.path={TestSupport.Corpus}"),
             "no checkpoint to resume from in 'empty-run'");
 
@@ -44,11 +44,12 @@ public class CliTests
             "--set", "train.max-iters=2", "--set", "model.n-layer=1", "--set", "model.n-embd=16", "--set", "train.eval-iters=1", "--set", "run.threads=1");
         Assert.True(train.ExitCode == 0, train.Stderr + train.Stdout);
         Assert.Contains("val loss", train.Stdout);
-        string checkpoint = Path.Combine(dir, "r", "checkpoints", "step-00000002.safetensors");
+        string checkpoint = Path.Combine(dir, "r", "checkpoints", "step-00000002");
+        string shard = Path.Combine(checkpoint, "shard-0-of-1.safetensors");
 
         var inspect = TestSupport.RunCli(dir, "inspect", checkpoint);
         Assert.Equal(0, inspect.ExitCode);
-        Assert.Contains("(verified)", inspect.Stdout);
+        Assert.Contains(", verified)", inspect.Stdout);
         Assert.Contains("model.wte.weight", inspect.Stdout);
         Assert.Contains("[65, 16]", inspect.Stdout);
 
@@ -57,13 +58,13 @@ public class CliTests
         Assert.StartsWith("ROMEO:", sample.Stdout);
         Assert.Equal(sample.Stdout, TestSupport.RunCli(dir, "sample", "--checkpoint", checkpoint, "--prompt", "ROMEO:", "--tokens", "20", "--seed", "3").Stdout);
 
-        var bytes = File.ReadAllBytes(checkpoint);
+        var bytes = File.ReadAllBytes(shard);
         bytes[^1] ^= 0xff;
-        File.WriteAllBytes(checkpoint, bytes);
-        AssertOneLineError(TestSupport.RunCli(dir, "sample", "--checkpoint", checkpoint), $"checkpoint '{checkpoint}' is corrupt: SHA-256");
+        File.WriteAllBytes(shard, bytes);
+        AssertOneLineError(TestSupport.RunCli(dir, "sample", "--checkpoint", checkpoint), $"checkpoint '{checkpoint}' is corrupt: '{shard}' has SHA-256");
         AssertOneLineError(TestSupport.RunCli(dir, "inspect", checkpoint), "is corrupt");
 
         // Starting over in a run directory that holds checkpoints needs --overwrite.
-        AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--set", "run.dir=r", "--set", $"data.path={TestSupport.Corpus}"), "already holds checkpoints");
+        AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--set", "run.dir=r", "--set", $"data.path={TestSupport.Corpus}"), "already holds a job");
     }
 }

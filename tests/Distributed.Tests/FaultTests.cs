@@ -1,40 +1,171 @@
 using System.Diagnostics;
+using Distributed.Cluster;
+using Distributed.Cluster.Config;
+using Distributed.Training.Checkpoints;
 
 namespace Distributed.Tests;
 
-/// <summary>Real faults on real processes. Recovery comes later; today a lost worker must end the job with an
-/// error that names it, quickly, and leave no process behind.</summary>
-public partial class FaultTests
+/// <summary>The uninterrupted run every faulted run must equal: the same job on the same number of workers.</summary>
+public sealed class UninterruptedRun
+{
+    public const int Workers = 2;
+    public static readonly string[] Job = ["train.max-iters=40", "train.eval-interval=20", "optimizer.lr-decay-iters=40", "checkpoint.every=10", "checkpoint.keep=3"];
+
+    public UninterruptedRun()
+    {
+        Dir = TestSupport.TempDir("uninterrupted");
+        var run = TestSupport.RunCli(Dir, TestSupport.TrainArgs(Dir, Workers, Job));
+        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+    }
+
+    public string Dir { get; }
+}
+
+/// <summary>
+/// Real faults on real processes (SIGKILL, cut connections, flipped bytes on disk): the job completes, its final
+/// weights and optimizer state are byte for byte those of the uninterrupted run, and the journal shows that every
+/// new generation started from the newest commit that was intact.
+/// </summary>
+public partial class FaultTests(UninterruptedRun reference) : IClassFixture<UninterruptedRun>
 {
     const int SigTerm = 15;
 
     [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "kill")]
     private static partial int Kill(int pid, int signal);
 
+    [Theory]
+    [InlineData("kill-worker:1@15")]
+    [InlineData("kill-worker:0@25")]
+    [InlineData("kill-coordinator@15")]
+    [InlineData("drop-link:0-1@15")]
+    [InlineData("delay-link:1-0:5")]
+    [InlineData("corrupt-shard:0@20")]
+    [InlineData("kill-during-checkpoint:1@20")]
+    public async Task TheJobSurvivesTheFaultAndEndsBitIdentical(string fault)
+    {
+        string dir = TestSupport.TempDir("fault");
+        var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, UninterruptedRun.Workers, UninterruptedRun.Job), "--fault", fault]);
+        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        AssertSameFinalState(dir);
+
+        var journal = await ReadJournal(dir);
+        Assert.Contains(journal, e => e is FaultInjected f && f.Fault == fault);
+        if (!fault.StartsWith("delay-link", StringComparison.Ordinal))
+            Assert.Contains(journal, e => e is GenerationStarted { Generation: 2 });
+        string? corrupted = fault.StartsWith("corrupt-shard", StringComparison.Ordinal) ? fault : null;
+        AssertEveryGenerationResumedFromTheNewestIntactCommit(journal, corrupted);
+        if (corrupted is not null)
+            Assert.Contains("Checkpoint at step 20 is corrupt: '", CoordinatorLogs(dir));   // names the file and both hashes
+    }
+
+    [Fact]
+    public async Task AWorkerKilledFromOutsideIsReplacedAndTheJobEndsBitIdentical()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        string dir = TestSupport.TempDir("external-kill");
+        var (launcher, output, _) = await StartTrainingAsync(dir, UninterruptedRun.Workers, UninterruptedRun.Job.Append("train.max-iters=200").Append("optimizer.lr-decay-iters=200"), steps: 60);
+        using var _ = launcher;
+        var workers = WorkerPids(launcher.Id);
+        using (var victim = Process.GetProcessById(workers[1])) victim.Kill();   // SIGKILL, at whatever step it is on
+        Assert.True(launcher.WaitForExit(TimeSpan.FromSeconds(120)), "the job did not finish after a worker was killed");
+        Assert.True(launcher.ExitCode == 0, await output);
+        Assert.Contains($"worker pid {workers[1]} was killed by signal 9", await output);
+        var journal = await ReadJournal(dir);
+        Assert.Contains(journal, e => e is GenerationAborted);
+        AssertEveryGenerationResumedFromTheNewestIntactCommit(journal, null);
+    }
+
+    [Fact]
+    public async Task WithoutRestartsLeftTheJobFailsNamingTheLostWorker()
+    {
+        string dir = TestSupport.TempDir("no-restarts");
+        var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, 2, UninterruptedRun.Job.Append("recovery.max-restarts=0")), "--fault", "kill-worker:1@15"]);
+        Assert.NotEqual(0, run.ExitCode);
+        Assert.Matches(@"error: the job failed: rank 1 \(worker pid \d+ on 127\.0\.0\.1\) was killed; giving up after 0 restarts \(recovery\.max-restarts\)", run.Stderr);
+        Assert.DoesNotContain("   at ", run.Stderr);
+        var journal = await ReadJournal(dir);
+        Assert.Contains(journal, e => e is JobEnded { Completed: false });
+    }
+
+    [Fact]
+    public async Task SigtermStopsTheLauncherAndEveryChild()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        var (launcher, _, children) = await StartTrainingAsync(TestSupport.TempDir("sigterm"), 2, ["train.max-iters=100000"], steps: 5);
+        using (launcher)
+        {
+            Assert.Equal(3, children.Length);   // the coordinator and two workers
+            Assert.Equal(0, Kill(launcher.Id, SigTerm));
+            Assert.True(launcher.WaitForExit(TimeSpan.FromSeconds(15)), "the launcher ignored SIGTERM");
+            Assert.NotEqual(0, launcher.ExitCode);
+            await AssertAllGone(children);
+        }
+    }
+
+    void AssertSameFinalState(string dir)
+    {
+        string step = CheckpointFiles.DirectoryName(40);
+        using var expected = CheckpointFiles.Load(Path.Combine(reference.Dir, "checkpoints", step));
+        using var actual = CheckpointFiles.Load(Path.Combine(dir, "checkpoints", step));
+        Assert.Equal(expected.Tensors.Keys.Order(), actual.Tensors.Keys.Order());
+        foreach (var (name, tensor) in expected.Tensors)
+            Assert.True(tensor.bytes.SequenceEqual(actual.Tensors[name].bytes), $"tensor {name} differs from the uninterrupted run");
+    }
+
+    /// <summary>Each generation after the first resumed from the newest commit before it (skipping a corrupted one): no committed step was lost.</summary>
+    static void AssertEveryGenerationResumedFromTheNewestIntactCommit(IReadOnlyList<object> journal, string? corruptFault)
+    {
+        long corruptStep = corruptFault is null ? -1 : long.Parse(corruptFault[(corruptFault.IndexOf('@') + 1)..]);
+        var committed = new List<long>();
+        foreach (var e in journal)
+        {
+            if (e is CheckpointCommitted c) committed.Add(c.Step);
+            if (e is GenerationStarted { Generation: > 1 } g)
+            {
+                long newest = committed.Where(s => s != corruptStep).DefaultIfEmpty(0).Max();
+                Assert.True(g.ResumeStep == newest, $"generation {g.Generation} resumed from step {g.ResumeStep}, the newest intact commit was {newest}");
+            }
+        }
+        Assert.Contains(journal, e => e is JobEnded { Completed: true });
+    }
+
+    static async Task<IReadOnlyList<object>> ReadJournal(string dir)
+    {
+        var spec = JobConfigLoader.Load(Path.Combine(dir, "job.conf"));
+        return (await JournalReader.ReadAsync(spec, TimeSpan.FromSeconds(30))).Select(e => e.Event).ToList();
+    }
+
+    static string CoordinatorLogs(string dir) =>
+        string.Concat(Directory.GetFiles(Path.Combine(dir, "logs"), "coordinator-*.log").Select(File.ReadAllText));
+
     static int[] ChildrenOf(int pid) =>
         Directory.GetDirectories($"/proc/{pid}/task")
             .SelectMany(task => File.ReadAllText(Path.Combine(task, "children")).Split(' ', StringSplitOptions.RemoveEmptyEntries)).Select(int.Parse).ToArray();
 
-    /// <summary>Starts `dtrain train --workers N` on a long tiny job and waits until it has trained a few steps.</summary>
-    static async Task<(Process Launcher, Task<string> Stderr, int[] Workers)> StartTrainingAsync(string dir, int workers)
+    static int[] WorkerPids(int launcher) =>
+        ChildrenOf(launcher).Where(p => File.ReadAllText($"/proc/{p}/cmdline").Split('\0').Contains("worker")).ToArray();
+
+    /// <summary>Starts `dtrain train --workers N` and waits until it has trained <paramref name="steps"/> steps.</summary>
+    /// <returns>the launcher, all it prints (stdout and stderr), and its children</returns>
+    static async Task<(Process Launcher, Task<string> Output, int[] Children)> StartTrainingAsync(string dir, int workers, IEnumerable<string> job, int steps)
     {
         var info = new ProcessStartInfo("dotnet") { WorkingDirectory = dir, RedirectStandardOutput = true, RedirectStandardError = true };
         info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "dtrain.dll"));
-        foreach (var a in TestSupport.TrainArgs(dir, workers, ["train.batch-size=12", "train.max-iters=100000", "cluster.collective-timeout=5", "train.log-interval=1"]))
-            info.ArgumentList.Add(a);
+        foreach (var a in TestSupport.TrainArgs(dir, workers, job.Append("cluster.collective-timeout=5"))) info.ArgumentList.Add(a);
         info.Environment["CI"] = "true";
         var launcher = Process.Start(info)!;
         var stderr = launcher.StandardError.ReadToEndAsync();
-        _ = launcher.StandardOutput.ReadToEndAsync();
+        var stdout = launcher.StandardOutput.ReadToEndAsync();
+        var output = Task.WhenAll(stdout, stderr).ContinueWith(_ => stdout.Result + stderr.Result);
         string metrics = Path.Combine(dir, "metrics.jsonl");
         var waiting = Stopwatch.StartNew();
-        while (!File.Exists(metrics) || File.ReadAllLines(metrics).Length < 5)
+        while (!File.Exists(metrics) || File.ReadAllLines(metrics).Length < steps)
         {
             if (waiting.Elapsed > TimeSpan.FromSeconds(120)) { launcher.Kill(entireProcessTree: true); Assert.Fail("training did not start"); }
-            if (launcher.HasExited) Assert.Fail("launcher exited early: " + await stderr);
-            await Task.Delay(200);
+            if (launcher.HasExited) Assert.Fail("launcher exited early: " + await output);
+            await Task.Delay(50);
         }
-        return (launcher, stderr, ChildrenOf(launcher.Id));
+        return (launcher, output, ChildrenOf(launcher.Id));
     }
 
     static async Task AssertAllGone(int[] pids)
@@ -43,47 +174,5 @@ public partial class FaultTests
         bool Alive(int p) => Directory.Exists($"/proc/{p}") && !File.ReadAllText($"/proc/{p}/stat").Contains(") Z ");
         while (pids.Any(Alive) && deadline.Elapsed < TimeSpan.FromSeconds(10)) await Task.Delay(100);
         Assert.DoesNotContain(pids, Alive);
-    }
-
-    [Fact]
-    public async Task SigtermStopsTheLauncherAndEveryWorker()
-    {
-        if (!OperatingSystem.IsLinux()) return;
-        var (launcher, _, workers) = await StartTrainingAsync(TestSupport.TempDir("sigterm"), 2);
-        using (launcher)
-        {
-            Assert.Equal(2, workers.Length);
-            Assert.Equal(0, Kill(launcher.Id, SigTerm));
-            Assert.True(launcher.WaitForExit(TimeSpan.FromSeconds(15)), "the launcher ignored SIGTERM");
-            Assert.NotEqual(0, launcher.ExitCode);
-            await AssertAllGone(workers);
-        }
-    }
-
-    [Fact]
-    public async Task ASigkilledWorkerFailsTheJobNamingItWithinTheDeadline()
-    {
-        if (!OperatingSystem.IsLinux()) return;
-        var (launcher, stderr, workers) = await StartTrainingAsync(TestSupport.TempDir("kill"), 3);
-        using var _ = launcher;
-        try
-        {
-            Assert.Equal(3, workers.Length);
-
-            using var victim = Process.GetProcessById(workers[1]);
-            var killedAt = Stopwatch.StartNew();
-            victim.Kill();   // SIGKILL
-            Assert.True(launcher.WaitForExit(TimeSpan.FromSeconds(5 + 15)), "the job did not end after a worker was killed");
-            Assert.NotEqual(0, launcher.ExitCode);
-            string error = await stderr;
-            Assert.Contains($"pid {workers[1]}", error);
-            Assert.DoesNotContain("   at ", error);
-            Assert.True(killedAt.Elapsed < TimeSpan.FromSeconds(20), $"took {killedAt.Elapsed}");
-        }
-        finally
-        {
-            if (!launcher.HasExited) launcher.Kill(entireProcessTree: true);
-        }
-        await AssertAllGone(workers);   // no worker is left behind
     }
 }

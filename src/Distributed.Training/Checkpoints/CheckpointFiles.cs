@@ -125,6 +125,7 @@ public static class CheckpointFiles
     public static CheckpointManifest ReadManifest(string directory)
     {
         string path = Path.Combine(directory, ManifestName);
+        if (!Directory.Exists(directory)) throw new CheckpointException($"checkpoint '{directory}' does not exist");
         if (!File.Exists(path)) throw new CheckpointException($"checkpoint '{directory}' has no {ManifestName}: it was never committed");
         try
         {
@@ -149,7 +150,8 @@ public static class CheckpointFiles
         foreach (var shard in shards)
         {
             string path = Path.Combine(directory, shard.File);
-            string actual = File.Exists(path) ? Sha256Of(path) : "(missing file)";
+            string actual = File.Exists(path) ? Sha256Of(path)
+                : $"(missing file; the directory holds {string.Join(", ", Directory.Exists(directory) ? Directory.GetFileSystemEntries(directory).Select(Path.GetFileName) : ["nothing"])})";
             if (!string.Equals(actual, shard.Sha256, StringComparison.OrdinalIgnoreCase)) bad.Add(new ShardMismatch(path, shard.Sha256, actual));
         }
         return bad;
