@@ -26,7 +26,16 @@ static class BenchCommand
         allReduce.SetAction((parse, ct) => AllReduceAsync(parse.GetValue(ranks), parse.GetValue(iters), parse.GetValue(transport)!,
             parse.GetValue(rank), parse.GetValue(rendezvous), ct));
 
-        return new Command("bench", "benchmarks (the bench/ scripts call these)") { kernels, allReduce };
+        var config = new Option<string>("--config") { DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
+        var set = new Option<string[]>("--set") { Description = "override a config key (the model's size, run.dir)" };
+        var repeats = new Option<int>("--repeats") { DefaultValueFactory = _ => 5 };
+        var steps = new Option<int>("--steps") { DefaultValueFactory = _ => 20 };
+        var checkpoint = new Command("checkpoint", "checkpoint write throughput against a raw write, and step time while a checkpoint is written")
+            { config, set, repeats, steps };
+        checkpoint.SetAction(parse => CheckpointBenchmark.Run(Distributed.Cluster.Config.JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set)),
+            parse.GetValue(repeats), parse.GetValue(steps)));
+
+        return new Command("bench", "benchmarks (the bench/ scripts call these)") { kernels, allReduce, checkpoint };
     }
 
     /// <summary>

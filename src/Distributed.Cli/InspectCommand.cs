@@ -14,10 +14,15 @@ static class InspectCommand
     public static Command Create()
     {
         var path = new Argument<string>("path") { Description = "a run directory (journal and checkpoints) or a checkpoint directory" };
-        var command = new Command("inspect", "show a run's journal and checkpoints, or a checkpoint's metadata and tensors") { path };
+        var sameAs = new Option<string?>("--same-as")
+        {
+            Description = "another checkpoint: exit 0 if every tensor (weights and optimizer state) is byte for byte the same, 4 otherwise",
+        };
+        var command = new Command("inspect", "show a run's journal and checkpoints, or a checkpoint's metadata and tensors") { path, sameAs };
         command.SetAction(async (parse, cancellationToken) =>
         {
             string target = parse.GetValue(path)!;
+            if (parse.GetValue(sameAs) is { } other) return Compare(target, other);
             if (File.Exists(Path.Combine(target, CheckpointFiles.ManifestName))) return ShowCheckpoint(target);
             if (!Directory.Exists(target)) throw new Core.UserFacingException($"'{target}' is neither a run directory nor a checkpoint");
             int status = 0;
@@ -77,6 +82,27 @@ static class InspectCommand
             if (bad.Count > 0) status = 3;
         }
         return status;
+    }
+
+    static int Compare(string a, string b)
+    {
+        using var first = CheckpointFiles.Load(a);
+        using var second = CheckpointFiles.Load(b);
+        foreach (var name in first.Tensors.Keys.Union(second.Tensors.Keys).Order(StringComparer.Ordinal))
+        {
+            if (!first.Tensors.TryGetValue(name, out var x) || !second.Tensors.TryGetValue(name, out var y))
+            {
+                Console.WriteLine($"different: tensor '{name}' is in only one of them");
+                return 4;
+            }
+            if (!x.bytes.SequenceEqual(y.bytes))
+            {
+                Console.WriteLine($"different: tensor '{name}' differs");
+                return 4;
+            }
+        }
+        Console.WriteLine($"identical: {first.Tensors.Count} tensors, byte for byte");
+        return 0;
     }
 
     static int ShowCheckpoint(string directory)
