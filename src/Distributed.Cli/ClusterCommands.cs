@@ -105,7 +105,13 @@ static class CoordinatorCommand
                 while (true)
                 {
                     var next = events.ReadAsync(cancellationToken).AsTask();
-                    if (await Task.WhenAny(next, parentGone, system.WhenTerminated) != next)
+                    var first = await Task.WhenAny(next, parentGone, system.WhenTerminated, CoordinatorActor.Unrecoverable.Task);
+                    if (first == CoordinatorActor.Unrecoverable.Task)
+                    {
+                        logger.LogCritical("Stopping: {Reason}", await CoordinatorActor.Unrecoverable.Task);
+                        return JobProcesses.DoNotRestartExitCode;
+                    }
+                    if (first != next)
                     {
                         logger.LogError("The launching process or the cluster is gone; stopping");
                         return 1;

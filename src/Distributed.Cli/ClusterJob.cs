@@ -57,6 +57,7 @@ static class ClusterJob
             var registration = Task.Delay(RegistrationTimeout, stop.Token);
             EvalResult? lastEval = null;
             long firstStep = -1, lastStep = 0;
+            bool completed = false;
             try
             {
                 while (true)
@@ -67,6 +68,7 @@ static class ClusterJob
                     {
                         var dead = await exit;
                         string what = dead.DescribeExit();
+                        if (dead.Process.ExitCode == JobProcesses.DoNotRestartExitCode) throw new UserFacingException(what);
                         if (processes.Restarts >= maxReplacements)
                             throw new UserFacingException($"{what}; {processes.Restarts} processes were replaced already, giving up");
                         logger.LogWarning("{What}; starting a replacement", what);
@@ -104,6 +106,7 @@ static class ClusterJob
                                 r.AbortedGeneration, r.Reason, r.Restarts, r.MaxRestarts);
                             break;
                         case JobCompleted:
+                            completed = true;
                             return (lastEval, lastStep - Math.Max(firstStep, 0));
                         case JobFailed f:
                             throw new UserFacingException($"the job failed: {f.Reason}");
@@ -113,6 +116,8 @@ static class ClusterJob
             finally
             {
                 stop.Cancel();
+                // Stopped or failed: the processes stop now, not after finishing what they were doing.
+                if (!completed) processes.KillAll();
             }
         }
         finally

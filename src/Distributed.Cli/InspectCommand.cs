@@ -72,7 +72,7 @@ static class InspectCommand
         int status = 0;
         string checkpoints = Path.Combine(spec.RunDir, "checkpoints");
         Console.WriteLine($"commits in the journal: {state.Commits.Length}");
-        foreach (var commit in state.NewestCommits)
+        foreach (var commit in state.CommitsNewestFirst())
         {
             string directory = CheckpointFiles.DirectoryFor(checkpoints, commit.Step);
             if (!Directory.Exists(directory)) { Console.WriteLine($"  step {commit.Step,8}  deleted (retention)"); continue; }

@@ -31,6 +31,9 @@ sealed class ChildProcess
 /// </summary>
 sealed class JobProcesses : IDisposable
 {
+    /// <summary>A child exiting with this code failed in a way a restart would repeat (an unreadable journal).</summary>
+    public const int DoNotRestartExitCode = 3;
+
     readonly List<ChildProcess> _children = [];
     readonly object _gate = new();
     readonly string _logDirectory;
@@ -92,6 +95,16 @@ sealed class JobProcesses : IDisposable
         process.BeginErrorReadLine();
         lock (_gate) _children.Add(child);
         return child;
+    }
+
+    /// <summary>Kills every child now (the job is abandoned: nothing to wait for).</summary>
+    public void KillAll()
+    {
+        foreach (var child in Children)
+        {
+            try { child.Process.Kill(entireProcessTree: true); }
+            catch (InvalidOperationException) { }
+        }
     }
 
     public void Dispose()

@@ -37,7 +37,7 @@ static class TrainCommand
             string? resumePath = parse.GetValue(resume);
             // A run directory remembers its job: --resume RUN_DIR continues that job unless --config says otherwise.
             string configFile = parse.GetValue(config)!;
-            if (resumePath is not null && parse.GetResult(config) is null && File.Exists(Path.Combine(resumePath, "job.conf")))
+            if (resumePath is not null && parse.GetResult(config) is null or { Implicit: true } && File.Exists(Path.Combine(resumePath, "job.conf")))
                 configFile = Path.Combine(resumePath, "job.conf");
             var spec = JobConfigLoader.Load(configFile, parse.GetValue(set));
             int workerCount = parse.GetValue(workers) ?? spec.Cluster.Workers;

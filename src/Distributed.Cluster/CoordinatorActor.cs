@@ -57,6 +57,17 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     public override string PersistenceId { get; }
 
+    /// <summary>Completes with a reason when the journal cannot be replayed: restarting would fail the same way.</summary>
+    public static readonly TaskCompletionSource<string> Unrecoverable = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    protected override void OnRecoveryFailure(Exception reason, object? message = null)
+    {
+        string what = $"the journal of this job ({_spec.Persistence.Provider}, persistence id {PersistenceId}) cannot be replayed: {reason.Message}";
+        _log.LogCritical("{What}", what);
+        Unrecoverable.TrySetResult(what);
+        base.OnRecoveryFailure(reason, message);
+    }
+
     public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string submission, string persistenceId, ILogger logger) =>
         Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, submission, persistenceId, logger));
 
@@ -79,7 +90,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         else
         {
             _log.LogInformation("Coordinator recovered the journal: generation {Generation}, {Commits} commits (newest step {Step}), {Restarts} restarts",
-                _state.Generation, _state.Commits.Length, _state.NewestCommits.FirstOrDefault()?.Step ?? 0, _state.Restarts);
+                _state.Generation, _state.Commits.Length, _state.CommitsNewestFirst().FirstOrDefault()?.Step ?? 0, _state.Restarts);
             // Workers still training an older generation are told to stop and register again.
             if (_state.Generation > 0)
             {
@@ -114,7 +125,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     /// <summary>Verifying shards reads files: done off the actor, and the result comes back as a message.</summary>
     void BecomeStarting()
     {
-        var commits = _state.NewestCommits.ToList();
+        var commits = _state.CommitsNewestFirst().ToList();
         string checkpoints = CheckpointsDirectory;
         Task.Run(() => ChooseResumePoint(commits, checkpoints)).PipeTo(Self);
         Become(() =>
@@ -344,7 +355,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     }
 
     string? LatestCommitDirectory() =>
-        _state.NewestCommits.FirstOrDefault() is { } c ? CheckpointFiles.DirectoryFor(CheckpointsDirectory, c.Step) : null;
+        _state.CommitsNewestFirst().FirstOrDefault() is { } c ? CheckpointFiles.DirectoryFor(CheckpointsDirectory, c.Step) : null;
 
     string Describe(int rank) => $"worker pid {_workers[rank].ProcessId} on {_workers[rank].Host}";
 

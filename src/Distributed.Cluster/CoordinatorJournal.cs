@@ -37,6 +37,6 @@ public sealed record JobState(
 
     public bool HasFired(Fault fault) => FiredFaults.Any(f => f.Fault == fault.Text);
 
-    /// <summary>Commits newest first.</summary>
-    public IEnumerable<CheckpointCommitted> NewestCommits => Commits.OrderByDescending(c => c.Step);
+    // Methods, not properties: the state is a snapshot, serialized member by member.
+    public IEnumerable<CheckpointCommitted> CommitsNewestFirst() => Commits.OrderByDescending(c => c.Step);
 }

@@ -58,6 +58,45 @@ public partial class FaultTests(UninterruptedRun reference) : IClassFixture<Unin
             Assert.Contains("Checkpoint at step 20 is corrupt: '", CoordinatorLogs(dir));   // names the file and both hashes
     }
 
+    [PostgresFact]
+    public async Task ACoordinatorKilledMidJobRecoversItsJournalFromPostgreSQL()
+    {
+        string dir = TestSupport.TempDir("postgres");
+        string[] job = [.. UninterruptedRun.Job, "persistence.provider=postgresql", "persistence.snapshot-every=2"];
+        var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, UninterruptedRun.Workers, job), "--fault", "kill-coordinator@15"]);
+        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        AssertSameFinalState(dir);
+        var journal = await ReadJournal(dir);
+        Assert.Contains(journal, e => e is FaultInjected { Fault: "kill-coordinator@15" });
+        AssertEveryGenerationResumedFromTheNewestIntactCommit(journal, null);
+        var inspect = TestSupport.RunCli(dir, "inspect", dir);
+        Assert.True(inspect.ExitCode == 0, inspect.Stderr + inspect.Stdout);
+        Assert.Contains("journal (postgresql", inspect.Stdout);
+        Assert.Contains("fault injected: kill-coordinator@15", inspect.Stdout);
+    }
+
+    [Fact]
+    public async Task AStoppedJobResumedFromItsRunDirectoryEndsBitIdentical()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        string dir = TestSupport.TempDir("stop-resume");
+        // A slow link (it changes no number) stretches the run so that it can be stopped half way.
+        var (launcher, _, _) = await StartTrainingAsync(dir, UninterruptedRun.Workers, UninterruptedRun.Job, steps: 10, "--fault", "delay-link:0-1:200");
+        using (launcher)
+        {
+            Assert.Equal(0, Kill(launcher.Id, SigTerm));
+            Assert.True(launcher.WaitForExit(TimeSpan.FromSeconds(15)), "the launcher ignored SIGTERM");
+        }
+        Assert.False(File.Exists(Path.Combine(dir, "checkpoints", CheckpointFiles.DirectoryName(40), CheckpointFiles.ManifestName)), "the job was not stopped half way");
+        // The run directory holds the job: --resume needs no --config.
+        var resumed = TestSupport.RunCli(dir, "train", "--resume", dir);
+        Assert.True(resumed.ExitCode == 0, $"exit {resumed.ExitCode}\n{resumed.Stderr}\n{resumed.Stdout}");
+        AssertSameFinalState(dir);
+        var journal = await ReadJournal(dir);
+        Assert.Equal(2, journal.Count(e => e is JobSubmitted));
+        AssertEveryGenerationResumedFromTheNewestIntactCommit(journal, null);
+    }
+
     [Fact]
     public async Task AWorkerKilledFromOutsideIsReplacedAndTheJobEndsBitIdentical()
     {
@@ -147,11 +186,12 @@ public partial class FaultTests(UninterruptedRun reference) : IClassFixture<Unin
 
     /// <summary>Starts `dtrain train --workers N` and waits until it has trained <paramref name="steps"/> steps.</summary>
     /// <returns>the launcher, all it prints (stdout and stderr), and its children</returns>
-    static async Task<(Process Launcher, Task<string> Output, int[] Children)> StartTrainingAsync(string dir, int workers, IEnumerable<string> job, int steps)
+    static async Task<(Process Launcher, Task<string> Output, int[] Children)> StartTrainingAsync(string dir, int workers, IEnumerable<string> job, int steps,
+        params string[] more)
     {
         var info = new ProcessStartInfo("dotnet") { WorkingDirectory = dir, RedirectStandardOutput = true, RedirectStandardError = true };
         info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "dtrain.dll"));
-        foreach (var a in TestSupport.TrainArgs(dir, workers, job.Append("cluster.collective-timeout=5"))) info.ArgumentList.Add(a);
+        foreach (var a in TestSupport.TrainArgs(dir, workers, job.Append("cluster.collective-timeout=5")).Concat(more)) info.ArgumentList.Add(a);
         info.Environment["CI"] = "true";
         var launcher = Process.Start(info)!;
         var stderr = launcher.StandardError.ReadToEndAsync();
