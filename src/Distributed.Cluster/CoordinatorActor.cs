@@ -32,6 +32,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly ILogger _log;
     readonly RecoveryTimeline _timeline;
     JobState _state = JobState.Empty;
+    Task _fileWork = Task.CompletedTask;
     long _finalStep = -1;
 
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
@@ -260,12 +261,21 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             string directory = m.Directory;
             int keep = _spec.Checkpoint.Keep;
             string checkpoints = CheckpointsDirectory;
-            // Durable in the journal: now the manifest, then retention (older commits may go only after this one is durable).
-            Task.Run(() =>
+            var committedSteps = _state.Commits.Select(c => c.Step).ToList();
+            // Durable in the journal: now the manifest, then retention (older commits may go only after this one is
+            // durable), off the actor and one commit after the other.
+            _fileWork = _fileWork.ContinueWith(_ =>
             {
-                WriteManifest(directory, commit);
-                CheckpointFiles.Retain(checkpoints, keep);
-            }).ContinueWith(t => { if (t.IsFaulted) _log.LogError(t.Exception, "Writing the manifest of {Directory} failed", directory); });
+                try
+                {
+                    WriteManifest(directory, commit);
+                    CheckpointFiles.Retain(checkpoints, keep, committedSteps);
+                }
+                catch (Exception e) when (e is IOException or CheckpointException)
+                {
+                    _log.LogError("Writing the manifest of {Directory} or applying retention failed: {Error}", directory, e.Message);
+                }
+            }, TaskScheduler.Default);
             _log.LogInformation("Checkpoint at step {Step} committed ({Shards} shards, {Bytes:N0} bytes)", m.Step, commit.Shards.Length, commit.Shards.Sum(s => s.Bytes));
             Publish(new JobCheckpointCommitted(m.Step, directory));
             foreach (var w in _workers) w.Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, directory));

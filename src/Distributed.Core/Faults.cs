@@ -86,23 +86,25 @@ public static partial class Faults
     /// </summary>
     public static IReadOnlyList<Fault> Draw(int count, long seed, int workers, long maxIters, int checkpointEvery)
     {
-        var random = new System.Random(unchecked((int)Seeds.Derive(seed, 17, 0, 0)));
+        // Counter-based draws (like the sampler's): draw j of fault i is a pure function of (seed, i, j).
+        int Draw(int i, int j, int n) => (int)(Seeds.Derive(seed, Seeds.FaultStream, i, j) % (ulong)n);
         var checkpointSteps = Enumerable.Range(1, (int)((maxIters - 1) / checkpointEvery)).Select(i => (long)i * checkpointEvery).ToArray();
         var faults = new List<Fault>();
-        for (int i = 0; i < count; i++)
+        for (int attempt = 0; faults.Count < count; attempt++)
         {
+            if (attempt > 1000 * count) throw new UserFacingException($"--fault random:{count}: the job has fewer than {count} distinct faults to draw");
             var kinds = new List<FaultKind> { FaultKind.KillWorker, FaultKind.KillCoordinator, FaultKind.DelayLink };
             if (workers > 1) kinds.Add(FaultKind.DropLink);
             if (checkpointSteps.Length > 0) kinds.AddRange([FaultKind.CorruptShard, FaultKind.KillDuringCheckpoint]);
-            var kind = kinds[random.Next(kinds.Count)];
-            int rank = random.Next(workers);
-            int peer = workers > 1 ? (rank + 1 + random.Next(workers - 1)) % workers : rank;
+            var kind = kinds[Draw(attempt, 0, kinds.Count)];
+            int rank = Draw(attempt, 1, workers);
+            int peer = workers > 1 ? (rank + 1 + Draw(attempt, 2, workers - 1)) % workers : rank;
             long step = kind is FaultKind.CorruptShard or FaultKind.KillDuringCheckpoint
-                ? checkpointSteps[random.Next(checkpointSteps.Length)]
-                : 1 + random.NextInt64(Math.Max(1, maxIters - 1));
+                ? checkpointSteps[Draw(attempt, 3, checkpointSteps.Length)]
+                : 1 + Draw(attempt, 3, (int)Math.Max(1, maxIters - 1));
             var fault = new Fault(kind, kind == FaultKind.KillCoordinator ? -1 : rank, kind is FaultKind.DropLink or FaultKind.DelayLink ? peer : -1,
-                kind == FaultKind.DelayLink ? 0 : step, kind == FaultKind.DelayLink ? 1 + random.Next(20) : 0);
-            if (faults.Any(f => f.Text == fault.Text)) { i--; continue; }
+                kind == FaultKind.DelayLink ? 0 : step, kind == FaultKind.DelayLink ? 1 + Draw(attempt, 4, 20) : 0);
+            if (faults.Any(f => f.Text == fault.Text)) continue;
             faults.Add(fault);
         }
         return faults;

@@ -111,7 +111,7 @@ public static class CheckpointFiles
     /// <summary>Writes the manifest (atomically, durably): from now on the checkpoint is visible to loaders.</summary>
     public static void WriteManifest(string directory, CheckpointManifest manifest)
     {
-        Directory.CreateDirectory(directory);
+        if (!Directory.Exists(directory)) throw new CheckpointException($"checkpoint '{directory}' does not exist: no manifest to write");
         string path = Path.Combine(directory, ManifestName);
         string temp = path + ".tmp";
         using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write))
@@ -207,18 +207,18 @@ public static class CheckpointFiles
     /// <summary>
     /// Deletes committed checkpoints beyond the newest <paramref name="keep"/>, and uncommitted directories older than
     /// the newest commit (abandoned by an aborted generation). Called only after that newest commit is durable.
+    /// <paramref name="committedSteps"/> is the authority on what is committed (the coordinator's journal); without it,
+    /// the directories holding a manifest are.
     /// </summary>
-    public static void Retain(string checkpoints, int keep)
+    public static void Retain(string checkpoints, int keep, IReadOnlyCollection<long>? committedSteps = null)
     {
-        var committed = List(checkpoints);
+        var committed = (committedSteps ?? List(checkpoints).Select(c => c.Step).ToList()).OrderDescending().ToList();
         if (committed.Count == 0) return;
-        long newest = committed[0].Step;
-        var kept = committed.Take(keep).Select(c => c.Path).ToHashSet();
+        long newest = committed[0];
+        var kept = committed.Take(keep).ToHashSet();
+        var all = committed.ToHashSet();
         foreach (var (step, path) in AllDirectories(checkpoints))
-        {
-            bool isCommitted = File.Exists(Path.Combine(path, ManifestName));
-            if (isCommitted ? !kept.Contains(path) : step < newest) Directory.Delete(path, recursive: true);
-        }
+            if (all.Contains(step) ? !kept.Contains(step) : step < newest) Directory.Delete(path, recursive: true);
     }
 
     static IEnumerable<(long Step, string Path)> AllDirectories(string checkpoints)
