@@ -52,8 +52,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         _timeline = new RecoveryTimeline(Path.Combine(spec.RunDir, "recovery.jsonl"));
         Recover<SnapshotOffer>(offer => _state = (JobState)offer.Snapshot);
         Recover<RecoveryCompleted>(_ => OnRecovered());
-        RecoverAny(e => _state = _state.Apply(e));
-        CommandAny(_ => Stash.Stash());   // until recovery completes
+        RecoverAny(e => _state = _state.Apply(e));   // commands wait (Akka stashes them) until recovery completes
     }
 
     public override string PersistenceId { get; }
@@ -85,7 +84,6 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         else if (_state.End is { } ended)
         {
             Become(() => Ended(ended.Completed ? new JobCompleted(ended.Step, LatestCommitDirectory()) : new JobFailed(ended.Reason)));
-            Stash.UnstashAll();
             return;
         }
         else
@@ -101,7 +99,6 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             }
         }
         BecomeWaitingForWorkers();
-        Stash.UnstashAll();
     }
 
     void BecomeWaitingForWorkers()

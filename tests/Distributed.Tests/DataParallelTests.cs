@@ -91,4 +91,16 @@ public class DataParallelTests
         foreach (var (name, tensor) in a.Tensors)
             Assert.True((tensor - b.Tensors[name]).abs().max().item<float>() <= 1e-4, $"{name} differs");
     }
+
+    [Fact]
+    public void AClusterResumingACheckpointOfAnotherShapeFailsNamingTheTensorAndBothShapes()
+    {
+        string dir = TestSupport.TempDir("shape-dp");
+        var first = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, Job.Append("train.max-iters=10")));
+        Assert.True(first.ExitCode == 0, $"exit {first.ExitCode}\n{first.Stderr}\n{first.Stdout}");
+        var wider = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, Job.Append("train.max-iters=20").Append("model.n-embd=48"), resume: true));
+        Assert.NotEqual(0, wider.ExitCode);
+        Assert.Contains("tensor 'model.wte.weight' has shape [65, 32], the model needs [65, 48]", wider.Stderr);
+        Assert.DoesNotContain("giving up after", wider.Stderr);   // retrying cannot help, so it is not retried
+    }
 }
