@@ -116,8 +116,28 @@ public sealed class CoordinatorActor : ReceivePersistentActor
                 if (_workers.Count == _expectedWorkers) BecomeStarting();
             });
             Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
+            Command<ProcessExited>(m => ForgetDeadWorker(m.ProcessId));
             CommandAny(_ => { });   // reports of an aborted generation
         });
+    }
+
+    /// <summary>
+    /// The launcher saw a worker's process die: its node is down for sure, and downing it now lets a replacement
+    /// join without waiting for the failure detector. Returns the rank it had, or -1.
+    /// </summary>
+    int DropDeadWorker(int processId)
+    {
+        int rank = _workers.FindIndex(w => w.ProcessId == processId);
+        if (rank < 0) return -1;
+        Akka.Cluster.Cluster.Get(Context.System).Down(_workers[rank].Worker.Path.Address);
+        return rank;
+    }
+
+    /// <summary>Between generations: a registered worker died; wait for its replacement.</summary>
+    void ForgetDeadWorker(int processId)
+    {
+        int rank = DropDeadWorker(processId);
+        if (rank >= 0) _workers.RemoveAt(rank);
     }
 
     /// <summary>Verifying shards reads files: done off the actor, and the result comes back as a message.</summary>
@@ -138,6 +158,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             });
             // A worker lost before the generation started: the choice is dropped, and the coordinator waits for a replacement.
             Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
+            Command<ProcessExited>(m => ForgetDeadWorker(m.ProcessId));
             CommandAny(_ => { });
         });
     }
@@ -236,12 +257,8 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         });
         Command<ProcessExited>(m =>
         {
-            int rank = _workers.FindIndex(w => w.ProcessId == m.ProcessId);
-            if (rank < 0) return;
-            // The launcher saw the process die: its node is down for sure, and downing it now lets a replacement join
-            // without waiting for the failure detector.
-            Akka.Cluster.Cluster.Get(Context.System).Down(_workers[rank].Worker.Path.Address);
-            Abort(generation, $"rank {rank} ({Describe(rank)}) {m.Description}");
+            int rank = DropDeadWorker(m.ProcessId);
+            if (rank >= 0) Abort(generation, $"rank {rank} ({Describe(rank)}) {m.Description}");
         });
         CommandAny(_ => { });   // reports of an older generation
     }

@@ -81,6 +81,11 @@ public class CheckpointTests
         CheckpointFiles.Retain(checkpoints, keep: 2);
         Assert.Equal(new long[] { 40, 30 }, CheckpointFiles.List(checkpoints).Select(c => c.Step));
         Assert.Equal(["step-00000030", "step-00000040", "step-00000050"], Directory.GetDirectories(checkpoints).Select(Path.GetFileName).Order());
+
+        // With the journal's commits as the authority, a commit whose manifest is not written yet is kept, not abandoned.
+        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 60), 0, 1, [("t", t)], new Dictionary<string, string>());
+        CheckpointFiles.Retain(checkpoints, keep: 2, committedSteps: [30, 40, 60]);
+        Assert.Equal(["step-00000040", "step-00000060"], Directory.GetDirectories(checkpoints).Select(Path.GetFileName).Order());
     }
 
     [Fact]

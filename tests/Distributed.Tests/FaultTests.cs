@@ -56,6 +56,13 @@ public partial class FaultTests(UninterruptedRun reference) : IClassFixture<Unin
         AssertEveryGenerationResumedFromTheNewestIntactCommit(journal, corrupted);
         if (corrupted is not null)
             Assert.Contains("Checkpoint at step 20 is corrupt: '", CoordinatorLogs(dir));   // names the file and both hashes
+
+        var inspect = TestSupport.RunCli(dir, "inspect", dir);
+        Assert.True(inspect.ExitCode == 0, inspect.Stderr + inspect.Stdout);
+        Assert.Contains("journal (sqlite", inspect.Stdout);
+        Assert.Contains($"fault injected: {fault}", inspect.Stdout);
+        Assert.Contains("job completed at step 40", inspect.Stdout);
+        Assert.Matches(@"step +40 +verified", inspect.Stdout);
     }
 
     [PostgresFact]
@@ -95,6 +102,16 @@ public partial class FaultTests(UninterruptedRun reference) : IClassFixture<Unin
         var journal = await ReadJournal(dir);
         Assert.Equal(2, journal.Count(e => e is JobSubmitted));
         AssertEveryGenerationResumedFromTheNewestIntactCommit(journal, null);
+
+        // A committed checkpoint damaged afterwards: inspect names the file and both hashes.
+        string shard = Path.Combine(dir, "checkpoints", CheckpointFiles.DirectoryName(40), CheckpointFiles.ShardName(1, 2));
+        var bytes = File.ReadAllBytes(shard);
+        bytes[^5] ^= 0x01;
+        File.WriteAllBytes(shard, bytes);
+        var inspect = TestSupport.RunCli(dir, "inspect", dir);
+        Assert.Equal(3, inspect.ExitCode);
+        Assert.Matches(@"step +40 +CORRUPT", inspect.Stdout);
+        Assert.Contains($"'{shard}' has SHA-256 {CheckpointFiles.Sha256Of(shard)}, recorded ", inspect.Stdout);
     }
 
     [Fact]
