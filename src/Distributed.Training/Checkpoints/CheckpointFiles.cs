@@ -98,10 +98,7 @@ public static class CheckpointFiles
         string temp = path + ".tmp";
         byte[] hash;
         using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
-        {
-            hash = SafeTensors.Write(stream, tensors, metadata);
-            stream.Flush(flushToDisk: true);
-        }
+            hash = SafeTensors.Write(stream, tensors, metadata, afterData: () => stream.Flush(flushToDisk: true));
         long bytes = new FileInfo(temp).Length;
         beforeRename?.Invoke();
         File.Move(temp, path, overwrite: true);

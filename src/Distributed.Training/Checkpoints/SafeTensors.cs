@@ -18,8 +18,12 @@ public sealed record TensorEntry(string Name, string DType, long[] Shape, long B
 /// </summary>
 public static class SafeTensors
 {
-    /// <summary>Writes tensors and string metadata to <paramref name="stream"/>; returns the SHA-256 of all bytes written.</summary>
-    public static byte[] Write(Stream stream, IReadOnlyList<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string> metadata)
+    /// <summary>
+    /// Writes contiguous CPU tensors and string metadata to <paramref name="stream"/>; returns the SHA-256 of all bytes
+    /// written. <paramref name="afterData"/> runs once the last byte is written (an fsync overlaps the hashing).
+    /// </summary>
+    public static byte[] Write(Stream stream, IReadOnlyList<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string> metadata,
+        Action? afterData = null)
     {
         var header = new JsonObject();
         var meta = new JsonObject();
@@ -47,19 +51,22 @@ public static class SafeTensors
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         stream.Write(headerBytes);
         hash.AppendData(headerBytes);
-        var data = tensors.Select(t => t.Tensor.detach().contiguous().cpu()).ToList();
-        // Hashing (about 2 GB/s with SHA extensions) runs beside the writing instead of after each block, so a
-        // checkpoint costs about one pass over the bytes, not two.
-        var hashing = Task.Run(() => { foreach (var d in data) hash.AppendData(d.bytes); });
+        // Only reads bytes: this runs on a checkpoint writer's thread, where creating torch objects is not safe
+        // while the training thread runs.
+        foreach (var (name, tensor) in tensors)
+            if (tensor.device_type != DeviceType.CPU || !tensor.is_contiguous())
+                throw new ArgumentException($"tensor '{name}' must be contiguous and on the CPU to be written", nameof(tensors));
+        // Hashing (about 2 GB/s with SHA extensions) runs beside the writing instead of after each block, and
+        // afterData (the fsync) runs before waiting for it, so a checkpoint costs about one pass over the bytes.
+        var hashing = Task.Run(() => { foreach (var (_, t) in tensors) hash.AppendData(t.bytes); });
         try
         {
-            foreach (var d in data) stream.Write(d.bytes);
+            foreach (var (_, t) in tensors) stream.Write(t.bytes);
+            afterData?.Invoke();
         }
         finally
         {
-            // The hasher reads the tensors until it is done, also when the write failed.
-            try { hashing.GetAwaiter().GetResult(); }
-            finally { foreach (var d in data) d.Dispose(); }
+            hashing.GetAwaiter().GetResult();   // the hasher reads the tensors until it is done, also when the write failed
         }
         return hash.GetHashAndReset();
     }

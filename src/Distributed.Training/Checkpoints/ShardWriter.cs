@@ -16,39 +16,40 @@ public interface ICheckpointCommit
 public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 {
     Task? _pending;
+    List<(string Name, Tensor Tensor)>? _copies;
 
-    /// <summary>Hooks for fault injection: after the temporary file is durable, and after the shard is reported.</summary>
+    /// <summary>Fault injection: runs when the shard of a step is durable in its temporary file, before rename and report.</summary>
     public Action<long>? BeforeRename { get; init; }
-    public Action<long, string>? AfterReport { get; init; }
 
     public void Begin(long step, string directory, int rank, int count, IReadOnlyList<(string Name, Tensor Tensor)> shard,
         IReadOnlyDictionary<string, string> metadata)
     {
         Wait();
+        // Contiguous CPU copies, made here on the training thread: the writer thread only reads their bytes.
         List<(string Name, Tensor Tensor)> copies;
-        using (no_grad()) copies = shard.Select(s => (s.Name, s.Tensor.detach().clone().DetachFromDisposeScope())).ToList();
+        using (no_grad()) copies = shard.Select(s => (s.Name, s.Tensor.detach().cpu().contiguous().clone().DetachFromDisposeScope())).ToList();
+        _copies = copies;
         _pending = Task.Run(() =>
         {
-            try
-            {
-                var record = CheckpointFiles.WriteShard(directory, rank, count, copies, metadata,
-                    BeforeRename is null ? null : () => BeforeRename(step));
-                commit.ShardWritten(step, directory, record);
-                AfterReport?.Invoke(step, Path.Combine(directory, record.File));
-            }
-            finally
-            {
-                foreach (var (_, t) in copies) t.Dispose();
-            }
+            var record = CheckpointFiles.WriteShard(directory, rank, count, copies, metadata,
+                BeforeRename is null ? null : () => BeforeRename(step));
+            commit.ShardWritten(step, directory, record);
         });
     }
 
-    /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread.</summary>
+    /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread, which also frees the copies.</summary>
     public void Wait()
     {
-        var pending = _pending;
-        _pending = null;
-        pending?.GetAwaiter().GetResult();
+        var (pending, copies) = (_pending, _copies);
+        (_pending, _copies) = (null, null);
+        try
+        {
+            pending?.GetAwaiter().GetResult();
+        }
+        finally
+        {
+            foreach (var (_, t) in copies ?? []) t.Dispose();
+        }
     }
 
     public void Dispose()
