@@ -97,18 +97,20 @@ static class CoordinatorCommand
                 Environment.ProcessId, cluster.SelfAddress, spec.Persistence.Provider, count);
             try
             {
-                var coordinator = ClusterRoles.StartCoordinator(system, spec, count, plan, parse.GetValue(resumeFrom),
-                    parse.GetValue(submission) ?? Guid.NewGuid().ToString("N"), logger);
+                var unrecoverable = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
+                var options = new CoordinatorOptions(spec, count, plan, parse.GetValue(resumeFrom),
+                    parse.GetValue(submission) ?? Guid.NewGuid().ToString("N"), CoordinatorPersistence.PersistenceId(spec.RunDir));
+                var coordinator = ClusterRoles.StartCoordinator(system, options, logger, reason => unrecoverable.TrySetResult(reason));
                 var events = JobEvents.Subscribe(system, coordinator);
                 var observer = new LogLineObserver(logger, spec.Train.LogInterval);
                 var parentGone = WorkerCommand.WaitForParentExit(parse.GetValue(parent), cancellationToken);
                 while (true)
                 {
                     var next = events.ReadAsync(cancellationToken).AsTask();
-                    var first = await Task.WhenAny(next, parentGone, system.WhenTerminated, CoordinatorActor.Unrecoverable.Task);
-                    if (first == CoordinatorActor.Unrecoverable.Task)
+                    var first = await Task.WhenAny(next, parentGone, system.WhenTerminated, unrecoverable.Task);
+                    if (first == unrecoverable.Task)
                     {
-                        logger.LogCritical("Stopping: {Reason}", await CoordinatorActor.Unrecoverable.Task);
+                        logger.LogCritical("Stopping: {Reason}", await unrecoverable.Task);
                         return JobProcesses.DoNotRestartExitCode;
                     }
                     if (first != next)

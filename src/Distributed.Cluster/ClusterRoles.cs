@@ -10,10 +10,10 @@ namespace Distributed.Cluster;
 public static class ClusterRoles
 {
     /// <summary>Runs the coordinator as a cluster singleton on coordinator-role nodes; returns a proxy to it.</summary>
-    public static IActorRef StartCoordinator(ActorSystem system, JobSpec spec, int workers, IReadOnlyList<Fault> faults, string? resumeFrom, string submission, ILogger logger)
+    public static IActorRef StartCoordinator(ActorSystem system, CoordinatorOptions options, ILogger logger, Action<string> onUnrecoverable)
     {
         system.ActorOf(ClusterSingletonManager.Props(
-            CoordinatorActor.Props(spec, workers, faults, resumeFrom, submission, CoordinatorPersistence.PersistenceId(spec.RunDir), logger), PoisonPill.Instance,
+            CoordinatorActor.Props(options, logger, onUnrecoverable), PoisonPill.Instance,
             ClusterSingletonManagerSettings.Create(system).WithRole(ClusterBootstrap.CoordinatorRole)), "coordinator");
         return CoordinatorProxy(system);
     }

@@ -11,6 +11,13 @@ using Microsoft.Extensions.Logging;
 namespace Distributed.Cluster;
 
 /// <summary>
+/// What a coordinator serves: the job, how many workers it waits for, the faults to inject, a checkpoint to start
+/// from when the journal has none (--resume of another run), the submission (see <see cref="JobSubmitted"/>) and the
+/// journal's persistence id.
+/// </summary>
+public sealed record CoordinatorOptions(JobSpec Spec, int Workers, IReadOnlyList<Fault> Faults, string? ResumeFrom, string Submission, string PersistenceId);
+
+/// <summary>
 /// The job's authority (a cluster singleton on the coordinator node), journaled through Akka.Persistence so that a
 /// restarted coordinator resumes the job. Per generation: wait for the workers, pick the newest checkpoint whose
 /// shards verify, assign ranks; commit a checkpoint once every rank's shard is durable (two-phase); on the loss of
@@ -25,6 +32,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly IReadOnlyList<Fault> _faults;
     readonly string? _resumeFrom;
     readonly string _submission;
+    readonly Action<string> _onUnrecoverable;
     readonly List<RegisterWorker> _workers = [];
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
@@ -37,19 +45,14 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
 
-    /// <param name="resumeFrom">a committed checkpoint to start from when the journal holds none (--resume of another run)</param>
-    /// <param name="submission">identifies the `dtrain train` invocation this coordinator serves (see <see cref="JobSubmitted"/>)</param>
-    public CoordinatorActor(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string submission, string persistenceId, ILogger logger)
+    public CoordinatorActor(CoordinatorOptions options, ILogger logger, Action<string> onUnrecoverable)
     {
-        _submission = submission;
+        (_spec, _expectedWorkers, _faults, _resumeFrom, _submission) = (options.Spec, options.Workers, options.Faults, options.ResumeFrom, options.Submission);
+        _jobHocon = JobConfigLoader.ToHocon(_spec);
+        PersistenceId = options.PersistenceId;
         _log = logger;
-        _resumeFrom = resumeFrom;
-        _spec = spec;
-        _jobHocon = JobConfigLoader.ToHocon(spec);
-        _expectedWorkers = expectedWorkers;
-        _faults = faults;
-        PersistenceId = persistenceId;
-        _timeline = new RecoveryTimeline(Path.Combine(spec.RunDir, "recovery.jsonl"));
+        _onUnrecoverable = onUnrecoverable;
+        _timeline = new RecoveryTimeline(Path.Combine(_spec.RunDir, "recovery.jsonl"));
         Recover<SnapshotOffer>(offer => _state = (JobState)offer.Snapshot);
         Recover<RecoveryCompleted>(_ => OnRecovered());
         RecoverAny(e => _state = _state.Apply(e));   // commands wait (Akka stashes them) until recovery completes
@@ -57,19 +60,17 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     public override string PersistenceId { get; }
 
-    /// <summary>Completes with a reason when the journal cannot be replayed: restarting would fail the same way.</summary>
-    public static readonly TaskCompletionSource<string> Unrecoverable = new(TaskCreationOptions.RunContinuationsAsynchronously);
-
     protected override void OnRecoveryFailure(Exception reason, object? message = null)
     {
         string what = $"the journal of this job ({_spec.Persistence.Provider}, persistence id {PersistenceId}) cannot be replayed: {reason.Message}";
         _log.LogCritical("{What}", what);
-        Unrecoverable.TrySetResult(what);
+        _onUnrecoverable(what);
         base.OnRecoveryFailure(reason, message);
     }
 
-    public static Props Props(JobSpec spec, int expectedWorkers, IReadOnlyList<Fault> faults, string? resumeFrom, string submission, string persistenceId, ILogger logger) =>
-        Akka.Actor.Props.Create(() => new CoordinatorActor(spec, expectedWorkers, faults, resumeFrom, submission, persistenceId, logger));
+    /// <param name="onUnrecoverable">called with a reason when the journal cannot be replayed: restarting would fail the same way</param>
+    public static Props Props(CoordinatorOptions options, ILogger logger, Action<string> onUnrecoverable) =>
+        Akka.Actor.Props.Create(() => new CoordinatorActor(options, logger, onUnrecoverable));
 
     string CheckpointsDirectory => Path.Combine(_spec.RunDir, "checkpoints");
 
