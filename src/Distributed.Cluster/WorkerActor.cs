@@ -1,5 +1,4 @@
 using Akka.Actor;
-using Akka.Event;
 using Distributed.Cluster.Config;
 using Distributed.Comm;
 using Distributed.Core;
@@ -21,7 +20,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     readonly IActorRef _coordinator;
     readonly ILoggerFactory _loggerFactory;
     readonly TaskCompletionSource<int> _exitCode;
-    readonly ILoggingAdapter _log = Context.GetLogger();
+    readonly Microsoft.Extensions.Logging.ILogger _log;
     long _generation = -1;
     CancellationTokenSource? _training;   // set while a training thread runs
     AssignRank? _next;                     // an assignment waiting for the previous thread to stop
@@ -38,13 +37,14 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         _coordinator = coordinator;
         _loggerFactory = loggerFactory;
         _exitCode = exitCode;
+        _log = loggerFactory.CreateLogger("worker");
 
         Receive<TryRegister>(_ => _coordinator.Tell(new RegisterWorker(Self, _node.Endpoint, _node.Host, Environment.ProcessId)));
         Receive<AssignRank>(OnAssignRank);
         Receive<AbortGeneration>(m =>
         {
             if (m.Generation < _generation || _training is null) return;
-            _log.Info("Generation {0} aborted: {1}", m.Generation, m.Reason);
+            _log.LogInformation("Generation {Generation} aborted: {Reason}", m.Generation, m.Reason);
             _training.Cancel();
         });
         Receive<TrainingStopped>(OnTrainingStopped);
@@ -60,7 +60,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<WorkerFailed>(m => _coordinator.Tell(m));
         Receive<Shutdown>(m =>
         {
-            _log.Info("Shutting down: {0}", m.Reason);
+            _log.LogInformation("Shutting down: {Reason}", m.Reason);
             _training?.Cancel();
             _exitCode.TrySetResult(m.JobCompleted ? 0 : 1);
         });
