@@ -36,13 +36,7 @@ static class InspectCommand
             var committed = CheckpointFiles.List(checkpoints);
             Console.WriteLine($"checkpoints in {checkpoints}: {committed.Count} committed");
             foreach (var (step, directory) in committed)
-            {
-                var bad = CheckpointFiles.Verify(directory);
-                long bytes = CheckpointFiles.ReadManifest(directory).Shards.Sum(s => s.Bytes);
-                Console.WriteLine($"  step {step,8}  {(bad.Count == 0 ? "verified" : "CORRUPT ")}  {bytes,12:N0} bytes  {directory}");
-                foreach (var problem in bad) Console.WriteLine($"      {problem}");
-                if (bad.Count > 0) status = 3;
-            }
+                if (!ShowVerification(step, directory, CheckpointFiles.ReadManifest(directory).Shards)) status = 3;
             return status;
         });
         return command;
@@ -75,13 +69,19 @@ static class InspectCommand
         foreach (var commit in state.CommitsNewestFirst())
         {
             string directory = CheckpointFiles.DirectoryFor(checkpoints, commit.Step);
-            if (!Directory.Exists(directory)) { Console.WriteLine($"  step {commit.Step,8}  deleted (retention)"); continue; }
-            var bad = CheckpointFiles.Verify(directory, commit.Shards);
-            Console.WriteLine($"  step {commit.Step,8}  {(bad.Count == 0 ? "verified" : "CORRUPT ")}  {directory}");
-            foreach (var problem in bad) Console.WriteLine($"      {problem}");
-            if (bad.Count > 0) status = 3;
+            if (!Directory.Exists(directory)) Console.WriteLine($"  step {commit.Step,8}  deleted (retention)");
+            else if (!ShowVerification(commit.Step, directory, commit.Shards)) status = 3;
         }
         return status;
+    }
+
+    /// <summary>One line per checkpoint (verified or CORRUPT), then each bad shard with both hashes; true when it verifies.</summary>
+    static bool ShowVerification(long step, string directory, IReadOnlyList<ShardRecord> shards)
+    {
+        var bad = CheckpointFiles.Verify(directory, shards);
+        Console.WriteLine($"  step {step,8}  {(bad.Count == 0 ? "verified" : "CORRUPT ")}  {shards.Sum(s => s.Bytes),12:N0} bytes  {directory}");
+        foreach (var problem in bad) Console.WriteLine($"      {problem}");
+        return bad.Count == 0;
     }
 
     static int Compare(string a, string b)

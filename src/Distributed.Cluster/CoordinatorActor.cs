@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Text.Json;
 using Akka.Actor;
 using Akka.Persistence;
 using Distributed.Cluster.Config;
@@ -41,7 +40,6 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly RecoveryTimeline _timeline;
     JobState _state = JobState.Empty;
     Task _fileWork = Task.CompletedTask;
-    long _finalStep = -1;
 
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
 
@@ -174,22 +172,19 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         try
         {
             var candidates = commits.Count > 0
-                ? commits.Select(c => (Directory: CheckpointFiles.DirectoryFor(checkpoints, c.Step), Commit: c)).ToList()
+                ? commits.Select(c => (c.Step, CheckpointFiles.DirectoryFor(checkpoints, c.Step), (IReadOnlyList<ShardRecord>)c.Shards))
                 : (_resumeFrom is null ? CheckpointFiles.List(checkpoints).Select(c => c.Path) : [_resumeFrom])
-                    .Select(dir => (Directory: dir, Commit: FromManifest(CheckpointFiles.ReadManifest(dir)))).ToList();
-            foreach (var (directory, commit) in candidates)
+                    .Select(dir => CheckpointFiles.ReadManifest(dir))
+                    .Select(m => (m.Step, _resumeFrom ?? CheckpointFiles.DirectoryFor(checkpoints, m.Step), (IReadOnlyList<ShardRecord>)m.Shards));
+            if (CheckpointFiles.FirstValid(candidates, _log) is var (step, directory))
             {
-                var bad = CheckpointFiles.Verify(directory, commit.Shards);
-                if (bad.Count == 0)
-                {
-                    // The manifest follows the journal: written again if the coordinator died between the two.
-                    if (!File.Exists(Path.Combine(directory, CheckpointFiles.ManifestName))) WriteManifest(directory, commit);
-                    return new ResumePointChosen(directory, commit.Step, null);
-                }
-                _log.LogWarning("Checkpoint at step {Step} is corrupt: {Problems}; falling back to the previous commit", commit.Step, string.Join("; ", bad));
+                // The manifest follows the journal: written again if the coordinator died between the two.
+                if (commits.FirstOrDefault(c => c.Step == step) is { } commit && !File.Exists(Path.Combine(directory, CheckpointFiles.ManifestName)))
+                    WriteManifest(directory, commit);
+                return new ResumePointChosen(directory, step, null);
             }
             if (_resumeFrom is not null && commits.Count == 0) return new ResumePointChosen(null, 0, $"checkpoint '{_resumeFrom}' does not verify");
-            if (candidates.Count > 0) _log.LogWarning("No committed checkpoint verifies: starting from step 0");
+            if (commits.Count > 0) _log.LogWarning("No committed checkpoint verifies: starting from step 0");
             return new ResumePointChosen(null, 0, null);
         }
         catch (Exception e) when (e is CheckpointException or IOException)
@@ -198,13 +193,10 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         }
     }
 
-    static CheckpointCommitted FromManifest(CheckpointManifest m) => new(m.Step, m.Generation, m.Shards, DateTime.UtcNow);
-
     void StartGeneration(long generation, string? resumeFrom)
     {
         _finished.Clear();
         _pendingShards.Clear();
-        _finalStep = -1;
         var endpoints = _workers.Select(w => w.DataPlaneEndpoint).ToList();
         var pending = _faults.Where(f => !_state.HasFired(f)).ToArray();
         for (int rank = 0; rank < _workers.Count; rank++)
@@ -221,13 +213,12 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         Command<RegisterWorker>(_ => { });   // late retries of a registration already counted
         Command<RankStarted>(m => m.Generation == generation && m.Rank == 0, m =>
         {
-            _finalStep = m.LastStep;
             _timeline.RankStarted(m.LoadMs);
             Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
         });
         Command<StepDone>(m => m.Generation == generation && m.Rank == 0, m =>
         {
-            _timeline.FirstStep(generation, m.Metrics.Step);
+            if (_timeline.FirstStep(generation, m.Metrics.Step) is { } record) QueueFileWork($"appending to {_timeline.Path}", () => File.AppendAllText(_timeline.Path, record));
             Publish(new JobStepReport(m.Metrics, _workers.Count));
         });
         Command<EvalDone>(m => m.Generation == generation && m.Rank == 0, m => Publish(new JobEvalReport(m.Result)));
@@ -277,20 +268,12 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             int keep = _spec.Checkpoint.Keep;
             string checkpoints = CheckpointsDirectory;
             var committedSteps = _state.Commits.Select(c => c.Step).ToList();
-            // Durable in the journal: now the manifest, then retention (older commits may go only after this one is
-            // durable), off the actor and one commit after the other.
-            _fileWork = _fileWork.ContinueWith(_ =>
+            // Durable in the journal: now the manifest, then retention (older commits may go only after this one is durable).
+            QueueFileWork($"writing the manifest of {directory} and applying retention", () =>
             {
-                try
-                {
-                    WriteManifest(directory, commit);
-                    CheckpointFiles.Retain(checkpoints, keep, committedSteps);
-                }
-                catch (Exception e) when (e is IOException or CheckpointException)
-                {
-                    _log.LogError("Writing the manifest of {Directory} or applying retention failed: {Error}", directory, e.Message);
-                }
-            }, TaskScheduler.Default);
+                WriteManifest(directory, commit);
+                CheckpointFiles.Retain(checkpoints, keep, committedSteps);
+            });
             _log.LogInformation("Checkpoint at step {Step} committed ({Shards} shards, {Bytes:N0} bytes)", m.Step, commit.Shards.Length, commit.Shards.Sum(s => s.Bytes));
             Publish(new JobCheckpointCommitted(m.Step, directory));
             foreach (var w in _workers) w.Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, directory));
@@ -299,14 +282,21 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     }
 
     void WriteManifest(string directory, CheckpointCommitted commit) =>
-        CheckpointFiles.WriteManifest(directory, new CheckpointManifest(Trainer.CheckpointFormat, commit.Step, commit.Generation, commit.Shards,
-            JsonSerializer.Serialize(_spec)));
+        CheckpointFiles.WriteManifest(directory, CheckpointManifest.For(commit.Step, commit.Generation, commit.Shards, _spec));
 
-    /// <summary>The job is complete when every rank finished and the final checkpoint is committed.</summary>
+    /// <summary>File work of the actor (manifests, retention, timing records): off the actor, one piece after the other, in order.</summary>
+    void QueueFileWork(string what, Action work) => _fileWork = _fileWork.ContinueWith(_ =>
+    {
+        try { work(); }
+        catch (Exception e) when (e is IOException or CheckpointException) { _log.LogError("Failed {What}: {Error}", what, e.Message); }
+    }, TaskScheduler.Default);
+
+    /// <summary>The job is complete when every rank finished and the checkpoint of its last step (train.max-iters) is committed.</summary>
     void TryComplete()
     {
-        if (_finished.Count < _workers.Count || _finalStep < 0 || _state.Commits.All(c => c.Step != _finalStep)) return;
-        End(new JobCompleted(_finalStep, CheckpointFiles.DirectoryFor(CheckpointsDirectory, _finalStep)));
+        long last = _spec.Train.MaxIters;
+        if (_finished.Count < _workers.Count || _state.Commits.All(c => c.Step != last)) return;
+        End(new JobCompleted(last, CheckpointFiles.DirectoryFor(CheckpointsDirectory, last)));
     }
 
     void Abort(long generation, string reason)

@@ -5,10 +5,13 @@ namespace Distributed.Cluster;
 /// <summary>
 /// Times one recovery, from the fault (when one was injected) to the first completed step of the next generation,
 /// split into detection, waiting for workers (a replacement process starting), and checkpoint load; appended to
-/// recovery.jsonl in the run directory. Plain data kept by the coordinator actor: no locking needed.
+/// recovery.jsonl in the run directory. Plain data kept by the coordinator actor: no locking needed; the actor
+/// writes the records, off its thread.
 /// </summary>
 sealed class RecoveryTimeline(string path)
 {
+    public string Path { get; } = path;
+
     DateTime? _faultAt, _detectedAt, _generationAt, _startedAt;
     string? _fault, _reason;
     double _loadMs;
@@ -30,9 +33,10 @@ sealed class RecoveryTimeline(string path)
         _startedAt = DateTime.UtcNow;
     }
 
-    public void FirstStep(long generation, long step)
+    /// <summary>The first step after a recovery: returns its record (a JSON line) for the caller to append to <see cref="Path"/>.</summary>
+    public string? FirstStep(long generation, long step)
     {
-        if (_generationAt is null || _startedAt is null || _detectedAt is null) return;
+        if (_generationAt is null || _startedAt is null || _detectedAt is null) return null;
         var now = DateTime.UtcNow;
         static double? Ms(DateTime? from, DateTime? to) => from is null || to is null ? null : Math.Round((to.Value - from.Value).TotalMilliseconds, 1);
         var record = new
@@ -44,12 +48,7 @@ sealed class RecoveryTimeline(string path)
             first_step_ms = Ms(_startedAt, now),
             fault_to_first_step_ms = Ms(_faultAt ?? _detectedAt, now),
         };
-        try
-        {
-            Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
-            File.AppendAllText(path, JsonSerializer.Serialize(record) + "\n");
-        }
-        catch (IOException) { }   // a timing record is not worth failing the job over
         (_fault, _faultAt, _detectedAt, _generationAt, _startedAt) = (null, null, null, null, null);
+        return JsonSerializer.Serialize(record) + "\n";
     }
 }

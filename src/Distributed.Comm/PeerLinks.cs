@@ -120,16 +120,17 @@ public sealed class PeerLinks : IAsyncDisposable
     /// </summary>
     public async Task SeverAsync(int peer)
     {
-        await _locks[peer].WaitAsync().ConfigureAwait(false);
+        _severed[peer] = true;   // a write that starts from now on fails
+        // A write in flight holds the lock; within the deadline the link is closed under it, otherwise as it is.
+        bool locked = await _locks[peer].WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
         try
         {
-            _severed[peer] = true;
             if (_links[peer] is { } link) await link.DisposeAsync().ConfigureAwait(false);
             _links[peer] = null;
         }
         finally
         {
-            _locks[peer].Release();
+            if (locked) _locks[peer].Release();
         }
         _node.Mailbox.FailPeer(peer, new PeerFailedException(peer, $"the link to rank {peer} was cut"));
     }

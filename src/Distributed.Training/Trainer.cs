@@ -50,7 +50,7 @@ public sealed class Trainer : IDisposable
         if (checkpoints is null)
         {
             if (DataParallelSize > 1) throw new ArgumentException("a data-parallel trainer needs a checkpoint commit that collects every rank's shard", nameof(checkpoints));
-            _localCommit = new LocalCommit(CheckpointDirectory, spec.Checkpoint.Keep, JsonSerializer.Serialize(spec));
+            _localCommit = new LocalCommit(CheckpointDirectory, spec.Checkpoint.Keep, spec);
             checkpoints = new ShardWriter(_localCommit);
         }
         _checkpoints = checkpoints;

@@ -14,7 +14,11 @@ public sealed record ShardRecord(int Rank, string File, string Sha256, long Byte
 /// Written after a checkpoint is committed (every shard reported): what the checkpoint holds and how to check it.
 /// A checkpoint directory without a manifest was never committed.
 /// </summary>
-public sealed record CheckpointManifest(string Format, long Step, long Generation, ShardRecord[] Shards, string Job);
+public sealed record CheckpointManifest(string Format, long Step, long Generation, ShardRecord[] Shards, string Job)
+{
+    public static CheckpointManifest For(long step, long generation, ShardRecord[] shards, JobSpec job) =>
+        new(Trainer.CheckpointFormat, step, generation, shards, JsonSerializer.Serialize(job));
+}
 
 /// <summary>A shard whose bytes are not the ones recorded at commit.</summary>
 public sealed record ShardMismatch(string Path, string Expected, string Actual)
@@ -160,14 +164,21 @@ public static class CheckpointFiles
         return Convert.ToHexStringLower(SHA256.HashData(stream));
     }
 
-    /// <summary>The newest committed checkpoint whose shards all verify; corrupt ones are logged (file and both hashes) and skipped.</summary>
-    public static string? FindNewestValid(string checkpoints, ILogger logger)
+    /// <summary>The newest committed checkpoint in a checkpoints directory whose shards all verify against its manifest.</summary>
+    public static string? FindNewestValid(string checkpoints, ILogger logger) =>
+        FirstValid(List(checkpoints).Select(c => (c.Step, c.Path, (IReadOnlyList<ShardRecord>)ReadManifest(c.Path).Shards)), logger)?.Directory;
+
+    /// <summary>
+    /// The first of <paramref name="candidates"/> (newest first) whose shards all match the recorded hashes (a
+    /// manifest's, or the coordinator's journal's). Each corrupt one is logged with the file and both hashes.
+    /// </summary>
+    public static (long Step, string Directory)? FirstValid(IEnumerable<(long Step, string Directory, IReadOnlyList<ShardRecord> Shards)> candidates, ILogger logger)
     {
-        foreach (var (_, path) in List(checkpoints))
+        foreach (var (step, directory, shards) in candidates)
         {
-            var bad = Verify(path);
-            if (bad.Count == 0) return path;
-            logger.LogWarning("Checkpoint {Path} is corrupt: {Problems}; falling back to an older one", path, string.Join("; ", bad));
+            var bad = Verify(directory, shards);
+            if (bad.Count == 0) return (step, directory);
+            logger.LogWarning("Checkpoint at step {Step} is corrupt: {Problems}; falling back to an older commit", step, string.Join("; ", bad));
         }
         return null;
     }

@@ -62,13 +62,13 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 /// The commit of a single-process run: with one shard, the shard being durable is the commit. Writes the manifest,
 /// applies retention, and queues the step for the training thread to announce.
 /// </summary>
-public sealed class LocalCommit(string checkpoints, int keep, string job) : ICheckpointCommit
+public sealed class LocalCommit(string checkpoints, int keep, Distributed.Core.JobSpec job) : ICheckpointCommit
 {
     readonly System.Collections.Concurrent.ConcurrentQueue<(long Step, string Directory)> _committed = new();
 
     public void ShardWritten(long step, string directory, ShardRecord shard)
     {
-        CheckpointFiles.WriteManifest(directory, new CheckpointManifest(Trainer.CheckpointFormat, step, 0, [shard], job));
+        CheckpointFiles.WriteManifest(directory, CheckpointManifest.For(step, 0, [shard], job));
         CheckpointFiles.Retain(checkpoints, keep);
         _committed.Enqueue((step, directory));
     }
