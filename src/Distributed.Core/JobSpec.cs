@@ -22,9 +22,12 @@ public sealed record CheckpointSpec(int Every, int Keep);
 /// How the job spreads over worker processes. Transport picks what carries the bytes of collectives ("tcp": raw
 /// sockets negotiated over gRPC, "grpc": gRPC streams only); BucketMegabytes is the gradient bucket size (PyTorch
 /// DDP's 25 MB default); CollectiveTimeoutSeconds is how long a collective waits for a peer before naming it failed;
-/// Compression "bf16" sends gradients as bfloat16 (half the bytes, lossy), "none" sends float32.
+/// Compression "bf16" sends gradients as bfloat16 (half the bytes, lossy), "none" sends float32. Kernels picks the
+/// reduction arithmetic ("auto": ILGPU's CUDA accelerator where a GPU is present, SIMD otherwise; "simd"; "ilgpu").
+/// Overlap starts each gradient bucket's all-reduce while backward still runs (DDP's way); false reduces after backward.
 /// </summary>
-public sealed record ClusterSpec(int Workers, string Transport, double BucketMegabytes, double CollectiveTimeoutSeconds, string Compression);
+public sealed record ClusterSpec(int Workers, string Transport, double BucketMegabytes, double CollectiveTimeoutSeconds, string Compression,
+    string Kernels = "auto", bool Overlap = true);
 
 /// <summary>
 /// Where the coordinator journals the job: "sqlite" (a file in the run directory unless ConnectionString names one)
@@ -52,6 +55,8 @@ public sealed record JobSpec(
             throw new ConfigException($"config key 'cluster.transport' must be shm, tcp or grpc, got '{Cluster.Transport}'");
         if (Cluster.Compression is not ("none" or "bf16"))
             throw new ConfigException($"config key 'cluster.compression' must be none or bf16, got '{Cluster.Compression}'");
+        if (Cluster.Kernels is not ("auto" or "simd" or "ilgpu"))
+            throw new ConfigException($"config key 'cluster.kernels' must be auto, simd or ilgpu, got '{Cluster.Kernels}'");
         if (Persistence.Provider is not ("sqlite" or "postgresql"))
             throw new ConfigException($"config key 'persistence.provider' must be sqlite or postgresql, got '{Persistence.Provider}'");
         if (Optimizer.MinLearningRate > Optimizer.LearningRate)

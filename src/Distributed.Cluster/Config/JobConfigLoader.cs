@@ -56,6 +56,8 @@ public static class JobConfigLoader
         new("cluster.bucket-mb", Kind.Double, "25", 0.001, 4096),
         new("cluster.collective-timeout", Kind.Double, "30", 0.1, 86400),
         new("cluster.compression", Kind.String, "none"),
+        new("cluster.kernels", Kind.String, "auto"),
+        new("cluster.overlap", Kind.Bool, "true"),
         new("persistence.provider", Kind.String, "sqlite"),
         new("persistence.connection-string", Kind.String, ""),
         new("persistence.snapshot-every", Kind.Int, "20", 1, int.MaxValue),
@@ -121,7 +123,8 @@ public static class JobConfigLoader
                 D("optimizer.beta1"), D("optimizer.beta2"), D("optimizer.eps"), D("optimizer.weight-decay"), D("optimizer.grad-clip")),
             Train: new TrainSpec(I("train.batch-size"), I("train.grad-accum"), I("train.max-iters"), I("train.eval-interval"), I("train.eval-iters"), I("train.log-interval")),
             Checkpoint: new CheckpointSpec(I("checkpoint.every"), I("checkpoint.keep")),
-            Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout"), S("cluster.compression")),
+            Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout"), S("cluster.compression"),
+                S("cluster.kernels"), B("cluster.overlap")),
             Persistence: new PersistenceSpec(S("persistence.provider"), Raw("persistence.connection-string"), I("persistence.snapshot-every")),
             Recovery: new RecoverySpec(I("recovery.max-restarts")));
         spec.Validate();
@@ -142,7 +145,8 @@ public static class JobConfigLoader
             $"beta1 = {F(o.Beta1)}, beta2 = {F(o.Beta2)}, eps = {F(o.Eps)}, weight-decay = {F(o.WeightDecay)}, grad-clip = {F(o.GradClip)} }}",
             $"train {{ batch-size = {t.BatchSize}, grad-accum = {t.GradAccum}, max-iters = {t.MaxIters}, eval-interval = {t.EvalInterval}, eval-iters = {t.EvalIters}, log-interval = {t.LogInterval} }}",
             $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}",
-            $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)} }}",
+            $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)}, " +
+            $"kernels = {Q(spec.Cluster.Kernels)}, overlap = {(spec.Cluster.Overlap ? "true" : "false")} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
             $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}") + "\n";
     }
