@@ -146,7 +146,11 @@ public sealed class DataPlaneNode : IAsyncDisposable
     {
         lock (_inboundRings)
         {
-            foreach (var (_, stop, _) in _inboundRings) stop.Cancel();
+            foreach (var (ring, stop, _) in _inboundRings)
+            {
+                stop.Cancel();
+                ring.WakeReader();
+            }
             foreach (var (ring, stop, reader) in _inboundRings)
             {
                 File.Delete(ring.Path);

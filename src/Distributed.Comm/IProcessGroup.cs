@@ -36,6 +36,13 @@ public sealed record CollectiveOptions
     /// <summary>How long a receive waits for one chunk before declaring its sender failed.</summary>
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// All-reduces of at most this many bytes take the one-shot algorithm (one message latency; every member receives
+    /// n-1 whole buffers), larger ones the pipelined ring (2(n-1) latencies; 2(n-1)/n of the buffer). Measured by
+    /// bench/allreduce: see README, "Small messages".
+    /// </summary>
+    public long OneShotMaxBytes { get; init; } = 256 << 10;
+
     public Kernels.IReductionKernels Kernels { get; init; } = Comm.Kernels.ReductionKernels.Default;
 
     /// <summary>

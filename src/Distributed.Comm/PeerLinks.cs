@@ -36,13 +36,14 @@ public sealed class PeerLinks : IAsyncDisposable
 
     abstract class Link : IAsyncDisposable
     {
-        public abstract Task WriteAsync(ChunkHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken);
+        /// <param name="timeout">how long a write may wait for a receiver that does not take the bytes (a stuck peer)</param>
+        public abstract Task WriteAsync(ChunkHeader header, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken);
         public abstract ValueTask DisposeAsync();
     }
 
     sealed class GrpcLink(GrpcChannel channel, AsyncClientStreamingCall<TensorChunk, ExchangeSummary> call) : Link
     {
-        public override Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken) =>
+        public override Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken) =>
             call.RequestStream.WriteAsync(new TensorChunk
             {
                 Generation = h.Generation, SourceRank = h.SourceRank, Group = h.Group, OpId = h.OpId, Seq = h.Seq, Offset = h.Offset,
@@ -60,7 +61,7 @@ public sealed class PeerLinks : IAsyncDisposable
     {
         readonly byte[] _header = new byte[DataPlaneNode.BulkHeaderBytes];
 
-        public override async Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
+        public override async Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken)
         {
             DataPlaneNode.WriteHeader(_header, h, payload.Length);
             await socket.SendAsync(_header, SocketFlags.None, cancellationToken).ConfigureAwait(false);
@@ -84,11 +85,10 @@ public sealed class PeerLinks : IAsyncDisposable
     {
         readonly byte[] _header = new byte[DataPlaneNode.BulkHeaderBytes];
 
-        public override Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
+        public override Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken)
         {
             DataPlaneNode.WriteHeader(_header, h, payload.Length);
-            ring.Write(_header, payload.Span, cancellationToken);
-            return Task.CompletedTask;
+            return ring.WriteAsync(_header, payload, timeout, cancellationToken).AsTask();
         }
 
         public override async ValueTask DisposeAsync()
@@ -142,7 +142,8 @@ public sealed class PeerLinks : IAsyncDisposable
     public Mailbox Mailbox => _node.Mailbox;
     public string EndpointOf(int rank) => _endpoints[rank];
 
-    public async Task SendAsync(int destination, ChunkHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
+    /// <param name="timeout">how long the write may wait for the receiver to take the bytes before it names it failed</param>
+    public async Task SendAsync(int destination, ChunkHeader header, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken)
     {
         var gate = _locks[destination];
         await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
@@ -151,7 +152,7 @@ public sealed class PeerLinks : IAsyncDisposable
             if (_severed[destination]) throw new PeerFailedException(destination, $"the link to rank {destination} was cut");
             if (_delays[destination] > TimeSpan.Zero) await Task.Delay(_delays[destination], cancellationToken).ConfigureAwait(false);
             var link = _links[destination] ??= await ConnectAsync(destination, cancellationToken).ConfigureAwait(false);
-            await link.WriteAsync(header, payload, cancellationToken).ConfigureAwait(false);
+            await link.WriteAsync(header, payload, timeout, cancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not PeerFailedException && !cancellationToken.IsCancellationRequested)
         {

@@ -6,9 +6,12 @@ using System.Text;
 namespace Distributed.Comm;
 
 /// <summary>
-/// Ring collectives over <see cref="PeerLinks"/>. All-reduce is reduce-scatter then all-gather (each rank sends
-/// 2(n-1)/n of the buffer), cut into chunks that are pipelined: chunk c of ring step t+1 goes out as soon as chunk c
-/// of step t has arrived and been reduced, so sending, receiving and reducing overlap.
+/// Collectives over <see cref="PeerLinks"/>. All-reduce picks its algorithm by size, as MPI and NCCL do: up to
+/// <see cref="CollectiveOptions.OneShotMaxBytes"/> one-shot (every member sends its whole buffer to every other and
+/// each sums them in rank order: one message latency), above it the ring: reduce-scatter then all-gather (each
+/// rank sends 2(n-1)/n of the buffer), cut into chunks that are pipelined: chunk c of ring step t+1 goes out as soon
+/// as chunk c of step t has arrived and been reduced, so sending, receiving and reducing overlap. Both leave every
+/// member with the same bits.
 /// </summary>
 public sealed class ProcessGroup : IProcessGroup
 {
@@ -46,6 +49,8 @@ public sealed class ProcessGroup : IProcessGroup
     public Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default)
     {
         int n = Size;
+        if ((long)data.Length * sizeof(float) <= _options.OneShotMaxBytes && _options.Compression == Compression.None)
+            return OneShotAllReduce(data, op, cancellationToken);
         var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
         var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n)).ToList();
         return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
@@ -109,7 +114,7 @@ public sealed class ProcessGroup : IProcessGroup
         for (int c = 0; c < chunks; c++)
         {
             int start = c * chunk, length = Math.Min(chunk, data.Length - start);
-            await _links.SendAsync(_members[member], Header(op, c, start), data.Slice(start, length), cancellationToken).ConfigureAwait(false);
+            await _links.SendAsync(_members[member], Header(op, c, start), data.Slice(start, length), _options.Timeout, cancellationToken).ConfigureAwait(false);
         }
     }
 
@@ -133,6 +138,81 @@ public sealed class ProcessGroup : IProcessGroup
             counters.TryGetValue(peer, out long value);
             counters[peer] = value + 1;
             return value;
+        }
+    }
+
+    /// <summary>
+    /// Every member sends its buffer to every other; each then sums the n buffers chunk by chunk in rank order
+    /// (x0 + x1 + ...), so all end with the same bits after one message latency instead of 2(n-1).
+    /// </summary>
+    async Task OneShotAllReduce(Memory<float> data, ReduceOp op, CancellationToken cancellationToken)
+    {
+        long opId = _nextOp++;
+        int n = Size;
+        if (n == 1 || data.Length == 0) return;
+        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        var kernels = _options.Kernels;
+        int chunkFloats = Math.Max(1, _options.ChunkBytes / sizeof(float));
+        int chunks = (data.Length + chunkFloats - 1) / chunkFloats;
+        // This rank's own values, kept aside: they are sent from there while the sum is built in the caller's buffer
+        // (a send may wait for its link while the sum is already changing it).
+        float[] own = ArrayPool<float>.Shared.Rent(data.Length);
+        try
+        {
+            data.Span.CopyTo(own);
+            var sends = new List<Task>(n - 1);
+            for (int m = 0; m < n; m++)
+                if (m != Rank) sends.Add(Guard(SendFloats(m, opId, own.AsMemory(0, data.Length), failed.Token)));
+            var reducing = Guard(ReduceInRankOrder());
+            await Task.WhenAll(sends.Append(reducing)).ConfigureAwait(false);
+        }
+        catch (PeerFailedException e)
+        {
+            await ReportFailureAsync(e).ConfigureAwait(false);
+            throw;
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(own);
+        }
+
+        async Task ReduceInRankOrder()
+        {
+            for (int c = 0; c < chunks; c++)
+            {
+                int start = c * chunkFloats, length = Math.Min(chunkFloats, data.Length - start);
+                for (int m = 0; m < n; m++)
+                {
+                    if (m == Rank)
+                    {
+                        if (m > 0) kernels.Accumulate(data.Span.Slice(start, length), own.AsSpan(start, length));
+                        continue;   // rank 0's buffer already holds x0
+                    }
+                    using var chunk = await Receive(m, opId, c, failed.Token).ConfigureAwait(false);
+                    if (chunk.Payload.Length != length * sizeof(float))
+                        throw new InvalidDataException($"all-reduce: rank {m} sent {chunk.Payload.Length} bytes for a chunk of {length * sizeof(float)}; do all ranks pass buffers of the same size?");
+                    var incoming = MemoryMarshal.Cast<byte, float>(chunk.Payload.Span);
+                    if (m == 0) incoming.CopyTo(data.Span.Slice(start, length));
+                    else kernels.Accumulate(data.Span.Slice(start, length), incoming);
+                }
+                if (op == ReduceOp.Mean) kernels.Scale(data.Span.Slice(start, length), 1f / n);
+            }
+        }
+
+        async Task SendFloats(int member, long op, Memory<float> values, CancellationToken token)
+        {
+            for (int c = 0; c < chunks; c++)
+            {
+                int start = c * chunkFloats, length = Math.Min(chunkFloats, values.Length - start);
+                await _links.SendAsync(_members[member], Header(op, c, (long)start * sizeof(float)), AsBytes(values.Slice(start, length)), _options.Timeout, token)
+                    .ConfigureAwait(false);
+            }
+        }
+
+        async Task Guard(Task task)
+        {
+            try { await task.ConfigureAwait(false); }
+            catch { failed.Cancel(); throw; }   // one side failing stops the others at once
         }
     }
 
@@ -194,14 +274,14 @@ public sealed class ProcessGroup : IProcessGroup
                     var header = Header(op, t * maxChunks + c, start * sizeof(float));
                     if (!compressed)
                     {
-                        await _links.SendAsync(right, header, AsBytes(data.Slice(start, length)), failed.Token).ConfigureAwait(false);
+                        await _links.SendAsync(right, header, AsBytes(data.Slice(start, length)), _options.Timeout, failed.Token).ConfigureAwait(false);
                         continue;
                     }
                     var packed = ArrayPool<ushort>.Shared.Rent(length);
                     try
                     {
                         kernels.ToBFloat16(data.Span.Slice(start, length), packed.AsSpan(0, length));
-                        await _links.SendAsync(right, header, AsBytes(packed, length), failed.Token).ConfigureAwait(false);
+                        await _links.SendAsync(right, header, AsBytes(packed, length), _options.Timeout, failed.Token).ConfigureAwait(false);
                     }
                     finally { ArrayPool<ushort>.Shared.Return(packed); }
                 }
@@ -278,7 +358,7 @@ public sealed class ProcessGroup : IProcessGroup
         using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(2));
         var notices = _members.Where(m => m != _links.Rank && m != failure.Rank).Select(async m =>
         {
-            try { await _links.SendAsync(m, Header(AbortOpId, 0, 0), payload, quick.Token).ConfigureAwait(false); }
+            try { await _links.SendAsync(m, Header(AbortOpId, 0, 0), payload, TimeSpan.FromSeconds(2), quick.Token).ConfigureAwait(false); }
             catch (Exception) { }   // best effort: that peer may be gone too
         });
         await Task.WhenAll(notices).ConfigureAwait(false);
@@ -296,10 +376,15 @@ public sealed class ProcessGroup : IProcessGroup
         finally { ArrayPool<ushort>.Shared.Return(packed); }
     }
 
-    static ReadOnlyMemory<byte> AsBytes(Memory<float> floats) =>
-        MemoryMarshal.TryGetArray<float>(floats, out var segment)
-            ? new ArrayBytes<float>(segment.Array!, segment.Offset, segment.Count).Memory
-            : MemoryMarshal.AsBytes(floats.Span).ToArray();
+    /// <summary>The bytes of a float buffer without copying: arrays and native memory (tensor-backed buckets) alike.</summary>
+    static ReadOnlyMemory<byte> AsBytes(Memory<float> floats)
+    {
+        if (MemoryMarshal.TryGetArray<float>(floats, out var segment))
+            return new ArrayBytes<float>(segment.Array!, segment.Offset, segment.Count).Memory;
+        if (MemoryMarshal.TryGetMemoryManager<float, NativeMemory<float>>(floats, out var native, out int start, out int length))
+            return native.BytesOf(start, length);
+        throw new ArgumentException("collective buffers must be arrays or NativeMemory<float>: a copy here would cost a buffer per chunk");
+    }
 
     static ReadOnlyMemory<byte> AsBytes(ushort[] values, int count) => new ArrayBytes<ushort>(values, 0, count).Memory;
 

@@ -7,17 +7,18 @@ namespace Distributed.Comm;
 /// A single-producer, single-consumer byte ring in a memory-mapped file, one per (sender, receiver) pair on one host:
 /// the sender copies a framed chunk in, the receiver copies it out, and no kernel call sits in between. Positions
 /// are monotonically increasing 64-bit counters on separate cache lines; a frame is visible once the writer
-/// publishes its new position.
+/// publishes its new position. A reader with nothing to read spins for a moment, then sleeps on a futex doorbell
+/// in the header that the writer rings: it wakes within microseconds, and an idle ring costs no CPU.
 /// </summary>
-public sealed unsafe class SharedMemoryRing : IDisposable
+public sealed class SharedMemoryRing : IDisposable
 {
     const int HeaderBytes = 128;   // write position at 0, read position at 64
     readonly MemoryMappedFile _file;
     readonly MemoryMappedViewAccessor _view;
-    readonly byte* _base;
+    readonly unsafe byte* _base;
     readonly long _capacity;
 
-    SharedMemoryRing(string path, MemoryMappedFile file, long capacity)
+    unsafe SharedMemoryRing(string path, MemoryMappedFile file, long capacity)
     {
         Path = path;
         _file = file;
@@ -43,32 +44,79 @@ public sealed unsafe class SharedMemoryRing : IDisposable
         return new SharedMemoryRing(path, MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0), capacity);
     }
 
-    ref long WritePosition => ref Unsafe.AsRef<long>(_base);
-    ref long ReadPosition => ref Unsafe.AsRef<long>(_base + 64);
-    byte* Data => _base + HeaderBytes;
+    // Header: the writer's cache line holds its position and the reader's doorbell (a futex word the writer bumps
+    // when the reader sleeps); the reader's line holds its position.
+    unsafe ref long WritePosition => ref Unsafe.AsRef<long>(_base);
+    unsafe int* Doorbell => (int*)(_base + 8);
+    unsafe ref int ReaderSleeping => ref Unsafe.AsRef<int>(_base + 12);
+    unsafe ref long ReadPosition => ref Unsafe.AsRef<long>(_base + 64);
+    unsafe byte* Data => _base + HeaderBytes;
 
     /// <summary>Largest frame (header + payload) the ring accepts.</summary>
     public long MaxFrame => _capacity / 2;
 
-    /// <summary>Writes one frame (two parts, copied back to back); waits for room until the deadline.</summary>
-    public void Write(ReadOnlySpan<byte> header, ReadOnlySpan<byte> payload, CancellationToken cancellationToken)
+    /// <summary>How long a waiting reader spins before it sleeps on the doorbell: a collective's next chunk usually comes sooner.</summary>
+    static readonly long ReaderSpinTicks = System.Diagnostics.Stopwatch.Frequency / 20_000;   // 50 us
+
+    /// <summary>
+    /// Writes one frame (two parts, copied back to back). Completes synchronously when the ring has room, which is
+    /// the usual case; otherwise waits for the reader asynchronously (no thread is held), at most <paramref name="timeout"/>.
+    /// </summary>
+    public ValueTask WriteAsync(ReadOnlyMemory<byte> header, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken)
     {
         long length = Align(header.Length + payload.Length);
         if (length > MaxFrame) throw new ArgumentException($"frame of {length} bytes exceeds the ring's {MaxFrame}");
         long write = Volatile.Read(ref WritePosition);
-        var wait = new Backoff();
-        while (write + length - Volatile.Read(ref ReadPosition) > _capacity) wait.Pause(cancellationToken);
+        if (!HasRoom(write, length))
+        {
+            // A reader that is draining frees room within microseconds: spin that long before giving up the thread.
+            var spin = new SpinWait();
+            for (int i = 0; i < 30 && !HasRoom(write, length); i++) spin.SpinOnce(sleep1Threshold: -1);
+            if (!HasRoom(write, length)) return WaitForRoomThenWrite(header, payload, write, length, timeout, cancellationToken);
+        }
+        Publish(write, header.Span, payload.Span, length);
+        return ValueTask.CompletedTask;
+    }
+
+    async ValueTask WaitForRoomThenWrite(ReadOnlyMemory<byte> header, ReadOnlyMemory<byte> payload, long write, long length, TimeSpan timeout,
+        CancellationToken cancellationToken)
+    {
+        var deadline = System.Diagnostics.Stopwatch.StartNew();
+        while (!HasRoom(write, length))
+        {
+            if (deadline.Elapsed > timeout)
+                throw new TimeoutException($"the reader of shared-memory ring {Path} freed no room for {timeout.TotalSeconds:0.#} s");
+            await Task.Delay(1, cancellationToken).ConfigureAwait(false);
+        }
+        Publish(write, header.Span, payload.Span, length);
+    }
+
+    bool HasRoom(long write, long length) => write + length - Volatile.Read(ref ReadPosition) <= _capacity;
+
+    void Publish(long write, ReadOnlySpan<byte> header, ReadOnlySpan<byte> payload, long length)
+    {
         CopyIn(write, header);
         CopyIn(write + header.Length, payload);
         Volatile.Write(ref WritePosition, write + length);
+        // Pairs with the fence in WaitForData: either the reader sees the new position, or we see it asleep.
+        Interlocked.MemoryBarrier();
+        if (Volatile.Read(ref ReaderSleeping) != 0) RingDoorbell();
     }
+
+    unsafe void RingDoorbell()
+    {
+        Interlocked.Increment(ref Unsafe.AsRef<int>(Doorbell));
+        if (Futex.Supported) Futex.WakeAll(Doorbell);
+    }
+
+    /// <summary>Wakes a reader sleeping on the doorbell (so that it sees its cancellation at once).</summary>
+    public void WakeReader() => RingDoorbell();
 
     /// <summary>Waits for the next frame; copies its header into <paramref name="header"/> and its payload via <paramref name="payload"/>.</summary>
     public void Read(Span<byte> header, Func<int, Memory<byte>> payloadBuffer, Func<ReadOnlySpan<byte>, int> payloadLength, CancellationToken cancellationToken)
     {
         long read = Volatile.Read(ref ReadPosition);
-        var wait = new Backoff();
-        while (Volatile.Read(ref WritePosition) == read) wait.Pause(cancellationToken);
+        if (Volatile.Read(ref WritePosition) == read) WaitForData(read, cancellationToken);
         CopyOut(read, header);
         int length = payloadLength(header);
         var target = payloadBuffer(length);
@@ -76,9 +124,28 @@ public sealed unsafe class SharedMemoryRing : IDisposable
         Volatile.Write(ref ReadPosition, read + Align(header.Length + length));
     }
 
+    /// <summary>Spins briefly (the next chunk of a collective in flight), then sleeps on the doorbell: an idle ring costs no CPU.</summary>
+    unsafe void WaitForData(long read, CancellationToken cancellationToken)
+    {
+        long spinUntil = System.Diagnostics.Stopwatch.GetTimestamp() + ReaderSpinTicks;
+        while (Volatile.Read(ref WritePosition) == read)
+        {
+            if (System.Diagnostics.Stopwatch.GetTimestamp() < spinUntil) { Thread.SpinWait(16); continue; }
+            cancellationToken.ThrowIfCancellationRequested();
+            int bell = Volatile.Read(ref Unsafe.AsRef<int>(Doorbell));
+            Interlocked.Exchange(ref ReaderSleeping, 1);
+            if (Volatile.Read(ref WritePosition) == read && !cancellationToken.IsCancellationRequested)
+            {
+                if (Futex.Supported) Futex.WaitWhile(Doorbell, bell, TimeSpan.FromMilliseconds(100));
+                else Thread.Sleep(1);
+            }
+            Volatile.Write(ref ReaderSleeping, 0);
+        }
+    }
+
     static long Align(long n) => (n + 63) & ~63L;
 
-    void CopyIn(long position, ReadOnlySpan<byte> source)
+    unsafe void CopyIn(long position, ReadOnlySpan<byte> source)
     {
         long offset = position % _capacity;
         int first = (int)Math.Min(source.Length, _capacity - offset);
@@ -86,31 +153,12 @@ public sealed unsafe class SharedMemoryRing : IDisposable
         source[first..].CopyTo(new Span<byte>(Data, source.Length - first));
     }
 
-    void CopyOut(long position, Span<byte> target)
+    unsafe void CopyOut(long position, Span<byte> target)
     {
         long offset = position % _capacity;
         int first = (int)Math.Min(target.Length, _capacity - offset);
         new ReadOnlySpan<byte>(Data + offset, first).CopyTo(target);
         new ReadOnlySpan<byte>(Data, target.Length - first).CopyTo(target[first..]);
-    }
-
-    /// <summary>Spins briefly (a transfer in flight), then yields, then sleeps 1 ms (an idle ring costs no CPU).</summary>
-    struct Backoff
-    {
-        int _count;
-
-        public void Pause(CancellationToken cancellationToken)
-        {
-            _count++;
-            if (_count < 64) Thread.SpinWait(20);
-            else if (_count < 2048) Thread.Yield();
-            else
-            {
-                cancellationToken.ThrowIfCancellationRequested();
-                Thread.Sleep(1);
-            }
-            if ((_count & 255) == 0) cancellationToken.ThrowIfCancellationRequested();
-        }
     }
 
     public void Dispose()

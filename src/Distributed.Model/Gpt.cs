@@ -7,6 +7,33 @@ using F = TorchSharp.torch.nn.functional;
 
 namespace Distributed.Model;
 
+/// <summary>
+/// Where forward uses a parameter. Identity unless a trainer sets <see cref="Hook"/>: TorchSharp has no gradient
+/// hooks, so a data-parallel trainer passes each use through an identity autograd function whose backward receives
+/// that use's gradient the moment backward produces it (and starts the all-reduce of a bucket that is complete).
+/// </summary>
+public sealed class ParameterUse
+{
+    public Func<Tensor, Tensor>? Hook { get; set; }
+
+    public Tensor this[Tensor parameter] => Hook is null ? parameter : Hook(parameter);
+
+    public Tensor? this[Tensor? parameter, bool optional] => parameter is null ? null : this[parameter];
+
+    /// <summary>y = x W^T + b with both parameters passed through the hook.</summary>
+    public Tensor Linear(Linear layer, Tensor x) => F.linear(x, this[layer.weight!], this[layer.bias, optional: true]);
+
+    public Tensor LayerNorm(LayerNorm layer, Tensor x) =>
+        F.layer_norm(x, [x.shape[^1]], this[layer.weight, optional: true], this[layer.bias, optional: true]);
+
+    /// <summary>Rows of an embedding table (the lookup nn.Embedding does, written with the table passed through the hook).</summary>
+    public Tensor Embedding(Embedding table, Tensor ids)
+    {
+        var weight = this[table.weight!];
+        return weight.index_select(0, ids.reshape(-1)).view([.. ids.shape, weight.shape[1]]);
+    }
+}
+
 /// <summary>Causal multi-head self-attention (nanoGPT's CausalSelfAttention), fused q/k/v projection.</summary>
 public sealed class CausalSelfAttention : Module<Tensor, Tensor>
 {
@@ -14,9 +41,11 @@ public sealed class CausalSelfAttention : Module<Tensor, Tensor>
     readonly Dropout resid_dropout;
     readonly int _heads;
     readonly double _dropout;
+    readonly ParameterUse use;
 
-    public CausalSelfAttention(ModelSpec spec) : base(nameof(CausalSelfAttention))
+    public CausalSelfAttention(ModelSpec spec, ParameterUse use) : base(nameof(CausalSelfAttention))
     {
+        this.use = use;
         c_attn = Linear(spec.Embedding, 3 * spec.Embedding, hasBias: spec.Bias);
         c_proj = Linear(spec.Embedding, spec.Embedding, hasBias: spec.Bias);
         resid_dropout = Dropout(spec.Dropout);
@@ -28,12 +57,12 @@ public sealed class CausalSelfAttention : Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         long b = x.shape[0], t = x.shape[1], c = x.shape[2];
-        var qkv = c_attn.forward(x).split(c, dim: 2);
+        var qkv = use.Linear(c_attn, x).split(c, dim: 2);
         Tensor Heads(Tensor z) => z.view(b, t, _heads, c / _heads).transpose(1, 2);
         var y = F.scaled_dot_product_attention(Heads(qkv[0]), Heads(qkv[1]), Heads(qkv[2]),
             p: training ? _dropout : 0.0, is_casual: true);
         y = y.transpose(1, 2).contiguous().view(b, t, c);
-        return resid_dropout.forward(c_proj.forward(y));
+        return resid_dropout.forward(use.Linear(c_proj, y));
     }
 }
 
@@ -42,16 +71,18 @@ public sealed class Mlp : Module<Tensor, Tensor>
 {
     readonly Linear c_fc, c_proj;
     readonly Dropout dropout;
+    readonly ParameterUse use;
 
-    public Mlp(ModelSpec spec) : base(nameof(Mlp))
+    public Mlp(ModelSpec spec, ParameterUse use) : base(nameof(Mlp))
     {
+        this.use = use;
         c_fc = Linear(spec.Embedding, 4 * spec.Embedding, hasBias: spec.Bias);
         c_proj = Linear(4 * spec.Embedding, spec.Embedding, hasBias: spec.Bias);
         dropout = Dropout(spec.Dropout);
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x) => dropout.forward(c_proj.forward(F.gelu(c_fc.forward(x))));
+    public override Tensor forward(Tensor x) => dropout.forward(use.Linear(c_proj, F.gelu(use.Linear(c_fc, x))));
 }
 
 /// <summary>A pre-LayerNorm transformer block.</summary>
@@ -60,20 +91,22 @@ public sealed class Block : Module<Tensor, Tensor>
     readonly LayerNorm ln_1, ln_2;
     readonly CausalSelfAttention attn;
     readonly Mlp mlp;
+    readonly ParameterUse use;
 
-    public Block(ModelSpec spec) : base(nameof(Block))
+    public Block(ModelSpec spec, ParameterUse use) : base(nameof(Block))
     {
+        this.use = use;
         ln_1 = LayerNorm(spec.Embedding, bias: spec.Bias);
-        attn = new CausalSelfAttention(spec);
+        attn = new CausalSelfAttention(spec, use);
         ln_2 = LayerNorm(spec.Embedding, bias: spec.Bias);
-        mlp = new Mlp(spec);
+        mlp = new Mlp(spec, use);
         RegisterComponents();
     }
 
     public override Tensor forward(Tensor x)
     {
-        x = x + attn.forward(ln_1.forward(x));
-        return x + mlp.forward(ln_2.forward(x));
+        x = x + attn.forward(use.LayerNorm(ln_1, x));
+        return x + mlp.forward(use.LayerNorm(ln_2, x));
     }
 }
 
@@ -98,7 +131,7 @@ public sealed class Gpt : Module<Tensor, Tensor>
             wte = Embedding(vocabSize, spec.Embedding);
             wpe = Embedding(spec.BlockSize, spec.Embedding);
             drop = Dropout(spec.Dropout);
-            h = new ModuleList<Block>(Enumerable.Range(0, spec.Layers).Select(_ => new Block(spec)).ToArray());
+            h = new ModuleList<Block>(Enumerable.Range(0, spec.Layers).Select(_ => new Block(spec, Use)).ToArray());
             ln_f = LayerNorm(spec.Embedding, bias: spec.Bias);
             RegisterComponents();
             Initialise(generator);
@@ -107,6 +140,9 @@ public sealed class Gpt : Module<Tensor, Tensor>
 
     public ModelSpec Spec { get; }
     public int VocabSize { get; }
+
+    /// <summary>Every parameter use of forward goes through this (identity unless a trainer hooks it).</summary>
+    public ParameterUse Use { get; } = new();
 
     /// <summary>nanoGPT's init: N(0, 0.02) for linear and embedding weights, zero biases, and N(0, 0.02/sqrt(2L))
     /// for the projections that write into the residual stream.</summary>
@@ -133,9 +169,9 @@ public sealed class Gpt : Module<Tensor, Tensor>
         long t = idx.shape[1];
         if (t > Spec.BlockSize) throw new ArgumentException($"sequence length {t} exceeds block size {Spec.BlockSize}");
         using var pos = arange(t, dtype: ScalarType.Int64, device: idx.device);
-        var x = drop.forward(wte.forward(idx) + wpe.forward(pos));
+        var x = drop.forward(Use.Embedding(wte, idx) + Use.Embedding(wpe, pos));
         foreach (var block in h) x = block.forward(x);
-        return F.linear(ln_f.forward(x), wte.weight!);
+        return F.linear(Use.LayerNorm(ln_f, x), Use[wte.weight!]);
     }
 
     /// <summary>Mean cross-entropy of next-token prediction.</summary>

@@ -33,7 +33,7 @@ public sealed class Trainer : IDisposable
     readonly IProcessGroup? _dataParallel, _gradients;
     readonly ShardWriter _checkpoints;
     readonly LocalCommit? _localCommit;
-    GradientBuckets? _buckets;
+    readonly GradientBuckets? _buckets;
     CancellationToken _cancellation;
 
     /// <param name="dataParallel">the data-parallel group (exact float32 collectives)</param>
@@ -72,7 +72,11 @@ public sealed class Trainer : IDisposable
                 Restore(checkpoint);
                 _logger.LogInformation("Resumed from {Path} at step {Step}", checkpoint.Path, Step);
             }
-            if (_dataParallel is not null) SynchronizeWithRankZero();
+            if (_dataParallel is not null)
+            {
+                SynchronizeWithRankZero();
+                _buckets = new GradientBuckets(Model, _gradients!, _dataParallel, (long)(_spec.Cluster.BucketMegabytes * 1_000_000), _spec.Cluster.Overlap);
+            }
         }
         finally
         {
@@ -146,30 +150,34 @@ public sealed class Trainer : IDisposable
         double learningRate = LearningRateSchedule.At(_spec.Optimizer, Step);
         int accum = _spec.Train.GradAccum;
         double loss = 0;
+        // One deadline for the step's gradient collectives, which may start while backward runs.
+        using var deadline = CollectiveDeadline();
         for (int micro = 0; micro < accum; micro++)
         {
             var (first, count) = BatchSampler.Slice(_spec.Train.BatchSize, DataParallelRank, DataParallelSize, micro, accum);
             var (x, y) = Batch(_trainSampler, Step, first, count);
+            _buckets?.BeginMicroBatch(final: micro == accum - 1, deadline.Token);
             var microLoss = Model.Loss(x, y) / accum;
-            microLoss.backward();
             loss += microLoss.item<float>();
+            if (micro == accum - 1) _buckets?.SetLoss(loss);
+            microLoss.backward();
         }
         double computeMs = clock.Elapsed.TotalMilliseconds;
         double allReduceMs = 0;
         long allReduceBytes = 0;
-        if (_dataParallel is not null)
+        if (_buckets is not null)
         {
-            _buckets ??= new GradientBuckets(Model.parameters().ToList(), (long)(_spec.Cluster.BucketMegabytes * 1_000_000));
+            // Waits for what backward has not hidden (everything, without overlap).
             var reduceClock = Stopwatch.StartNew();
-            _buckets.Pack(loss);
-            Collective(ct => _buckets.ReduceAsync(_gradients!, _dataParallel, ct));
-            loss = _buckets.Unpack();
+            Wait(_buckets.FinishAsync());
+            loss = _buckets.MeanLoss;
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }
         double gradNorm = GradientClipping.ClipByGlobalNorm(Model.parameters(), _spec.Optimizer.GradClip);
         _optimizer.Step(learningRate);
-        Model.zero_grad();
+        if (_buckets is not null) _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
+        else Model.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
         var result = new StepMetrics(Step + 1, loss, learningRate, gradNorm,
             _spec.Train.BatchSize * _spec.Model.BlockSize / (ms / 1000.0), ms, computeMs, allReduceMs, allReduceBytes);
@@ -208,10 +216,18 @@ public sealed class Trainer : IDisposable
     /// </summary>
     void Collective(Func<CancellationToken, Task> operation)
     {
-        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_cancellation);
-        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
-        operation(deadline.Token).GetAwaiter().GetResult();
+        using var deadline = CollectiveDeadline();
+        Wait(operation(deadline.Token));
     }
+
+    CancellationTokenSource CollectiveDeadline()
+    {
+        var deadline = CancellationTokenSource.CreateLinkedTokenSource(_cancellation);
+        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
+        return deadline;
+    }
+
+    static void Wait(Task task) => task.GetAwaiter().GetResult();
 
     /// <summary>
     /// Makes every rank start from rank 0's state (weights and optimizer moments, as DDP broadcasts its module),
@@ -303,6 +319,7 @@ public sealed class Trainer : IDisposable
     public void Dispose()
     {
         _checkpoints.Dispose();
+        _buckets?.Dispose();
         _optimizer.Dispose();
         Model.Dispose();
     }
