@@ -72,9 +72,10 @@ public sealed class Trainer : IDisposable
                 Restore(checkpoint);
                 _logger.LogInformation("Resumed from {Path} at step {Step}", checkpoint.Path, Step);
             }
-            if (_dataParallel is not null)
+            if (_dataParallel is not null) SynchronizeWithRankZero();
+            // A group of one has nothing to average: it trains exactly as the plain loop does.
+            if (_dataParallel is { Size: > 1 })
             {
-                SynchronizeWithRankZero();
                 _buckets = new GradientBuckets(Model, _gradients!, _dataParallel, (long)(_spec.Cluster.BucketMegabytes * 1_000_000), _spec.Cluster.Overlap);
             }
         }

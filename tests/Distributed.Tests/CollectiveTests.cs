@@ -44,8 +44,9 @@ public class CollectiveTests
     [MemberData(nameof(Cases))]
     public async Task AllReduceMatchesADirectSum(int n, TransportKind transport)
     {
-        // Small chunks make even modest buffers span many pipelined chunks per segment.
-        await using var world = await World.StartAsync(n, transport, new CollectiveOptions { ChunkBytes = 4096 });
+        // Small chunks make even modest buffers span many pipelined chunks per segment; the sizes cross the
+        // one-shot threshold, so both algorithms run.
+        await using var world = await World.StartAsync(n, transport, new CollectiveOptions { ChunkBytes = 4096, OneShotMaxBytes = 4 * 1001 });
         foreach (int length in new[] { 0, 1, n - 1, 7, 1001, (1 << 16) + 3 })
         {
             foreach (var op in new[] { ReduceOp.Sum, ReduceOp.Mean })
@@ -59,6 +60,39 @@ public class CollectiveTests
                     Assert.Equal(buffers[0], buffers[r]);   // every rank ends with the same bits
                 }
             }
+        }
+    }
+
+    /// <summary>
+    /// Gradient buckets start while backward runs: several all-reduces of both algorithms are in flight on one group
+    /// at once. Each ends with the exact sum on every rank, and each algorithm gives the same bits whichever
+    /// transport carries it.
+    /// </summary>
+    [Theory]
+    [InlineData(2)]
+    [InlineData(3)]
+    public async Task ConcurrentAllReducesOfBothAlgorithmsGiveTheSameBitsOnEveryTransport(int n)
+    {
+        int[] lengths = [1, 3000, 20_000, 5, 70_001, 257];
+        var options = new CollectiveOptions { ChunkBytes = 8192, OneShotMaxBytes = 16 << 10 };
+        float[][]? reference = null;
+        foreach (var transport in new[] { TransportKind.SharedMemory, TransportKind.Tcp, TransportKind.Grpc })
+        {
+            await using var world = await World.StartAsync(n, transport, options);
+            var buffers = Enumerable.Range(0, n).Select(r => lengths.Select((length, k) => Data(r + 10 * k, length)).ToArray()).ToArray();
+            // Every rank issues the same collectives in the same order, without waiting for one before the next.
+            await Task.WhenAll(world.Groups.Select((g, r) => Task.WhenAll(buffers[r].Select(b => g.AllReduceAsync(b, ReduceOp.Mean)))));
+            for (int k = 0; k < lengths.Length; k++)
+            {
+                var expected = Enumerable.Range(0, lengths[k]).Select(i => Enumerable.Range(0, n).Sum(r => (double)Data(r + 10 * k, lengths[k])[i]) / n).ToArray();
+                for (int r = 0; r < n; r++)
+                {
+                    Assert.Equal(buffers[0][k], buffers[r][k]);
+                    for (int i = 0; i < lengths[k]; i += 97) Assert.Equal(expected[i], buffers[r][k][i], 4);
+                }
+            }
+            reference ??= buffers[0];
+            for (int k = 0; k < lengths.Length; k++) Assert.Equal(reference[k], buffers[0][k]);
         }
     }
 
