@@ -21,10 +21,20 @@ static class BenchCommand
         var transport = new Option<string>("--transport") { DefaultValueFactory = _ => "tcp" };
         var rank = new Option<int>("--rank") { Hidden = true };
         var rendezvous = new Option<string?>("--rendezvous") { Hidden = true };
-        var allReduce = new Command("allreduce", "our ring all-reduce between real processes on loopback: 1, 4, 16, 64 MiB of float32")
-            { ranks, iters, transport, rank, rendezvous };
+        var sizes = new Option<string>("--sizes")
+        {
+            Description = "comma-separated buffer sizes in bytes, each a multiple of 4 (float32); under 1 MiB more iterations run: " +
+                "ITERS x 1 MiB / size, at most 2000 (the peers' rule), never fewer than ITERS",
+            DefaultValueFactory = _ => string.Join(',', DefaultSizes),
+        };
+        sizes.Validators.Add(result =>
+        {
+            if (ParseSizes(result.GetValueOrDefault<string>()) is { Error: { } error }) result.AddError(error);
+        });
+        var allReduce = new Command("allreduce", "our ring all-reduce between real processes on loopback: 4 B to 64 MiB of float32")
+            { ranks, iters, transport, sizes, rank, rendezvous };
         allReduce.SetAction((parse, ct) => AllReduceAsync(parse.GetValue(ranks), parse.GetValue(iters), parse.GetValue(transport)!,
-            parse.GetValue(rank), parse.GetValue(rendezvous), ct));
+            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(rank), parse.GetValue(rendezvous), ct));
 
         var config = new Option<string>("--config") { DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
         var set = new Option<string[]>("--set") { Description = "override a config key (the model's size, run.dir)" };
@@ -38,11 +48,31 @@ static class BenchCommand
         return new Command("bench", "benchmarks (the bench/ scripts call these)") { kernels, allReduce, checkpoint };
     }
 
+    static readonly long[] DefaultSizes = [4, 4096, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20];
+
+    static (long[]? Sizes, string? Error) ParseSizes(string? text)
+    {
+        var sizes = new List<long>();
+        foreach (var part in (text ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            if (!long.TryParse(part, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out long bytes))
+                return (null, $"--sizes: '{part}' is not a number of bytes");
+            if (bytes < sizeof(float) || bytes % sizeof(float) != 0 || bytes > (long)Array.MaxLength * sizeof(float))
+                return (null, $"--sizes: {bytes} bytes is not a whole number of float32 values (4 bytes or more, a multiple of 4)");
+            sizes.Add(bytes);
+        }
+        return sizes.Count == 0 ? (null, "--sizes: give at least one size in bytes") : (sizes.ToArray(), null);
+    }
+
+    /// <summary>Calls timed at one size: ITERS from 1 MiB up; below, ITERS x 1 MiB / size capped at 2000, as the peers do, and never fewer than ITERS.</summary>
+    static int Repetitions(int iterations, long bytes) =>
+        bytes >= 1 << 20 ? iterations : (int)Math.Max(iterations, Math.Min(2000, (long)iterations * (1 << 20) / bytes));
+
     /// <summary>
     /// Rank 0 starts ranks 1..n-1 as processes; they meet through endpoint files in a temporary directory. Each size
     /// is timed like the peers time theirs: a barrier, one all-reduce, the slowest rank's time; the median is reported.
     /// </summary>
-    static async Task<int> AllReduceAsync(int n, int iterations, string transport, int rank, string? rendezvous, CancellationToken ct)
+    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, int rank, string? rendezvous, CancellationToken ct)
     {
         var kind = TransportKinds.Parse(transport);
         var children = new List<Process>();
@@ -52,7 +82,7 @@ static class BenchCommand
             for (int r = 1; r < n; r++)
             {
                 children.Add(Process.Start(SelfProcess.StartInfo("bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}",
-                    "--transport", transport, "--rank", $"{r}", "--rendezvous", rendezvous))!);
+                    "--transport", transport, "--sizes", string.Join(',', sizes), "--rank", $"{r}", "--rendezvous", rendezvous))!);
             }
         }
         try
@@ -75,11 +105,12 @@ static class BenchCommand
             node.BeginGeneration(1, rank);
             await using var links = new PeerLinks(node, 1, endpoints, kind);
             var group = new ProcessGroup(links, 0, Enumerable.Range(0, n).ToArray());
-            foreach (int mib in new[] { 1, 4, 16, 64 })
+            foreach (long bytes in sizes)
             {
-                var buffer = new float[mib * (1 << 20) / sizeof(float)];
+                var buffer = new float[bytes / sizeof(float)];
                 var times = new List<double>();
-                for (int i = -1; i < iterations; i++)   // i = -1 warms up
+                int repetitions = Repetitions(iterations, bytes);
+                for (int i = -1; i < repetitions; i++)   // i = -1 warms up
                 {
                     Array.Fill(buffer, rank + 1);
                     await group.BarrierAsync(ct);
@@ -92,12 +123,12 @@ static class BenchCommand
                 float expected = n * (n + 1) / 2f;
                 if (buffer[0] != expected || buffer[^1] != expected) throw new InvalidOperationException($"wrong sum {buffer[0]} (expected {expected})");
                 times.Sort();
-                double median = times[times.Count / 2], bytes = mib * (1 << 20);
+                double median = times[times.Count / 2];
                 double algbw = bytes / median / 1e9;
                 if (rank == 0)
                     Console.WriteLine(JsonSerializer.Serialize(new
                     {
-                        impl = $"dtrain-{transport}", ranks = n, bytes = (long)bytes, sec_per_call = Math.Round(median, 6),
+                        impl = $"dtrain-{transport}", ranks = n, bytes, iters = repetitions, sec_per_call = Math.Round(median, 9),
                         algbw_GBps = Math.Round(algbw, 3), busbw_GBps = Math.Round(algbw * 2 * (n - 1) / n, 3),
                     }));
             }

@@ -47,6 +47,8 @@ sealed class RecoveryTimeline(string path)
             start_and_checkpoint_load_ms = Ms(_generationAt, _startedAt), checkpoint_load_ms = Math.Round(_loadMs, 1),
             first_step_ms = Ms(_startedAt, now),
             fault_to_first_step_ms = Ms(_faultAt ?? _detectedAt, now),
+            // When the fault fired (or, without an injected fault, was detected), seconds since 1970 (UTC): the clock of metrics.jsonl's wall_time.
+            fault_wall_time = Math.Round(((_faultAt ?? _detectedAt).Value - DateTime.UnixEpoch).TotalSeconds, 6),
         };
         (_fault, _faultAt, _detectedAt, _generationAt, _startedAt) = (null, null, null, null, null);
         return JsonSerializer.Serialize(record) + "\n";

@@ -119,6 +119,7 @@ public sealed class Trainer : IDisposable
                 step = m.Step, loss = m.Loss, lr = m.LearningRate, grad_norm = m.GradNorm,
                 tokens_per_s = Math.Round(m.TokensPerSecond, 1), step_ms = Math.Round(m.StepMs, 3),
                 compute_ms = Math.Round(m.ComputeMs, 3), allreduce_ms = Math.Round(m.AllReduceMs, 3), allreduce_bytes = m.AllReduceBytes,
+                wall_time = Math.Round((DateTime.UtcNow - DateTime.UnixEpoch).TotalSeconds, 6),   // when the step ended, seconds since 1970 (UTC)
             }));
             observer.OnStep(m);
 

@@ -140,7 +140,7 @@ public class CheckpointTests
         var lines = File.ReadAllLines(Path.Combine(dir, "metrics.jsonl"));
         Assert.Equal(30, lines.Length);
         var last = System.Text.Json.JsonDocument.Parse(lines[^1]).RootElement;
-        foreach (var key in new[] { "step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms" }) Assert.True(last.TryGetProperty(key, out _), key);
+        foreach (var key in new[] { "step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "wall_time" }) Assert.True(last.TryGetProperty(key, out _), key);
         Assert.Equal(30, last.GetProperty("step").GetInt32());
     }
 }
