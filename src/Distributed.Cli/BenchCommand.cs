@@ -33,8 +33,11 @@ static class BenchCommand
         });
         var allReduce = new Command("allreduce", "our ring all-reduce between real processes on loopback: 4 B to 64 MiB of float32")
             { ranks, iters, transport, sizes, rank, rendezvous };
+        // Where the one-shot algorithm hands over to the ring; the bench that chose the default sets it (bench/allreduce-algorithms).
+        var oneShotMax = new Option<long>("--one-shot-max-bytes") { DefaultValueFactory = _ => new CollectiveOptions().OneShotMaxBytes };
+        allReduce.Add(oneShotMax);
         allReduce.SetAction((parse, ct) => AllReduceAsync(parse.GetValue(ranks), parse.GetValue(iters), parse.GetValue(transport)!,
-            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(rank), parse.GetValue(rendezvous), ct));
+            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(oneShotMax), parse.GetValue(rank), parse.GetValue(rendezvous), ct));
 
         var config = new Option<string>("--config") { DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
         var set = new Option<string[]>("--set") { Description = "override a config key (the model's size, run.dir)" };
@@ -72,7 +75,8 @@ static class BenchCommand
     /// Rank 0 starts ranks 1..n-1 as processes; they meet through endpoint files in a temporary directory. Each size
     /// is timed like the peers time theirs: a barrier, one all-reduce, the slowest rank's time; the median is reported.
     /// </summary>
-    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, int rank, string? rendezvous, CancellationToken ct)
+    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, long oneShotMaxBytes, int rank, string? rendezvous,
+        CancellationToken ct)
     {
         var kind = TransportKinds.Parse(transport);
         var children = new List<Process>();
@@ -82,7 +86,8 @@ static class BenchCommand
             for (int r = 1; r < n; r++)
             {
                 children.Add(Process.Start(SelfProcess.StartInfo("bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}",
-                    "--transport", transport, "--sizes", string.Join(',', sizes), "--rank", $"{r}", "--rendezvous", rendezvous))!);
+                    "--transport", transport, "--sizes", string.Join(',', sizes), "--one-shot-max-bytes", $"{oneShotMaxBytes}",
+                    "--rank", $"{r}", "--rendezvous", rendezvous))!);
             }
         }
         try
@@ -104,7 +109,7 @@ static class BenchCommand
             }
             node.BeginGeneration(1, rank);
             await using var links = new PeerLinks(node, 1, endpoints, kind);
-            var group = new ProcessGroup(links, 0, Enumerable.Range(0, n).ToArray());
+            var group = new ProcessGroup(links, 0, Enumerable.Range(0, n).ToArray(), new CollectiveOptions { OneShotMaxBytes = oneShotMaxBytes });
             foreach (long bytes in sizes)
             {
                 var buffer = new float[bytes / sizeof(float)];
