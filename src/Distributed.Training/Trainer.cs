@@ -1,8 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
-using System.Runtime.InteropServices;
-using System.Security.Cryptography;
 using Distributed.Comm;
 using Distributed.Core;
 using Distributed.Model;
@@ -204,39 +202,33 @@ public sealed class Trainer : IDisposable
 
     /// <summary>
     /// Runs collectives from the training thread (which may block: it is not an actor's), bounded by a deadline
-    /// for the whole operation on top of the per-chunk one the process group enforces.
+    /// for the whole operation on top of the per-chunk one the process group enforces; an operation made of
+    /// several collectives gets that deadline once per collective.
     /// </summary>
-    void Collective(Func<CancellationToken, Task> operation)
+    void Collective(Func<CancellationToken, Task> operation, int collectives = 1)
     {
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_cancellation);
-        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
+        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4 * collectives));
         operation(deadline.Token).GetAwaiter().GetResult();
     }
 
     /// <summary>
-    /// Makes every rank start from rank 0's state (weights and optimizer moments, as DDP broadcasts its module),
-    /// then checks by SHA-256 that they really are identical.
+    /// Makes every rank start from rank 0's state (weights, optimizer moments and step counters, as DDP broadcasts
+    /// its module), tensor by tensor in pieces straight between the tensors' memory, then checks by SHA-256 that
+    /// they really are identical.
     /// </summary>
     void SynchronizeWithRankZero()
     {
-        var state = StateTensors();
-        long total = state.Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize);
-        var buffer = new byte[total + sizeof(long)];
-        long offset = 0;
-        foreach (var (_, t) in state) { t.bytes.CopyTo(buffer.AsSpan((int)offset)); offset += t.bytes.Length; }
-        BitConverter.TryWriteBytes(buffer.AsSpan((int)offset), Step);
-        Collective(ct => _dataParallel!.BroadcastAsync(buffer, root: 0, ct));
-        offset = 0;
-        using (var noGrad = no_grad())
-            foreach (var (_, t) in state) { buffer.AsSpan((int)offset, t.bytes.Length).CopyTo(t.bytes); offset += t.bytes.Length; }
-        Step = BitConverter.ToInt64(buffer, (int)offset);
-
-        var mine = SHA256.HashData(buffer);
-        var leaders = (byte[])mine.Clone();
-        Collective(ct => _dataParallel!.BroadcastAsync(leaders, root: 0, ct));
-        if (!mine.AsSpan().SequenceEqual(leaders))
-            throw new InvalidOperationException($"rank {DataParallelRank}'s initial state differs from rank 0's after the broadcast");
-        _logger.LogDebug("Rank {Rank} starts from rank 0's state, sha256 {Hash}", DataParallelRank, Convert.ToHexStringLower(mine));
+        var tensors = StateTensors().Select(s => TensorBytes.Of(s.Tensor, s.Name)).ToList();
+        long[] counters = [Step, _optimizer.StepCount];
+        // The layout, every piece and the hash are one collective each.
+        int collectives = 2 + tensors.Sum(t => (int)((t.Length + TensorBytes.DefaultPieceBytes - 1) / TensorBytes.DefaultPieceBytes));
+        var clock = Stopwatch.StartNew();
+        byte[] hash = [];
+        Collective(async ct => hash = await StateBroadcast.RunAsync(_dataParallel!, counters, tensors, root: 0, cancellationToken: ct), collectives);
+        (Step, _optimizer.StepCount) = (counters[0], counters[1]);
+        _logger.LogInformation("Rank {Rank} starts from rank 0's state at step {Step}: {Bytes:N0} bytes in {Tensors} tensors, broadcast and verified in {Ms:F0} ms, sha256 {Hash}",
+            DataParallelRank, Step, tensors.Sum(t => t.Length), tensors.Count, clock.Elapsed.TotalMilliseconds, Convert.ToHexStringLower(hash));
     }
 
     static (Tensor X, Tensor Y) Batch(BatchSampler sampler, long step, int first, int count)
