@@ -130,7 +130,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 var gradients = spec.Cluster.Compression == "bf16"
                     ? new ProcessGroup(links, groupId: 1, members, options with { Compression = Compression.BFloat16 })
                     : dataParallel;
-                var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename };
+                var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, dataParallel, gradients, writer);
                 trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));

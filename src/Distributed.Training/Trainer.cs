@@ -54,7 +54,9 @@ public sealed class Trainer : IDisposable
         _checkpoints = checkpoints;
         torch.set_num_threads(spec.Threads > 0 ? spec.Threads : Environment.ProcessorCount);
 
+        var loading = Stopwatch.StartNew();
         LoadedCheckpoint? checkpoint = resumeFrom is null ? null : CheckpointFiles.Load(resumeFrom);
+        var verifying = loading.Elapsed;
         try
         {
             var tokenizer = checkpoint is null ? null : new CharTokenizer(checkpoint.Require("vocab"));
@@ -67,8 +69,11 @@ public sealed class Trainer : IDisposable
             _optimizer = new AdamW(Model.named_parameters(), spec.Optimizer);
             if (checkpoint is not null)
             {
+                loading.Restart();
                 Restore(checkpoint);
-                _logger.LogInformation("Resumed from {Path} at step {Step}", checkpoint.Path, Step);
+                _logger.LogInformation("Resumed from {Path} at step {Step}: shards verified in {VerifyMs:F0} ms, {Bytes:N0} bytes of state read in {ReadMs:F0} ms",
+                    checkpoint.Path, Step, verifying.TotalMilliseconds, StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize),
+                    loading.Elapsed.TotalMilliseconds);
             }
             if (_dataParallel is not null) SynchronizeWithRankZero();
         }
