@@ -10,13 +10,21 @@ namespace Distributed.Training;
 /// </summary>
 public static class StateBroadcast
 {
+    /// <summary>The most a receiver buffers beyond its tensors (see <see cref="RunAsync"/>), and one barrier per piece: 64 MiB
+    /// moves in tens of milliseconds over the local transports, so the barriers cost a few percent.</summary>
+    public const int PieceBytes = 64 << 20;
+
+    /// <summary>Collectives <see cref="RunAsync"/> runs for tensors of these lengths: the layout, two per piece, the hash.</summary>
+    public static int Collectives(IEnumerable<TensorBytes> tensors, int pieceBytes = PieceBytes) =>
+        2 + 2 * tensors.Sum(t => (int)((t.Length + pieceBytes - 1) / pieceBytes));
+
     /// <summary>
     /// Overwrites <paramref name="counters"/> and <paramref name="tensors"/> on every rank but <paramref name="root"/>
     /// with the root's; returns the SHA-256 of the state, which is then the same on every rank. Every rank passes
     /// tensors of the same sizes in the same order; a rank whose state has another size fails, naming both sizes.
     /// </summary>
     public static async Task<byte[]> RunAsync(IProcessGroup group, long[] counters, IReadOnlyList<TensorBytes> tensors, int root = 0,
-        int pieceBytes = TensorBytes.DefaultPieceBytes, CancellationToken cancellationToken = default)
+        int pieceBytes = PieceBytes, CancellationToken cancellationToken = default)
     {
         long total = tensors.Sum(t => t.Length);
         // The layout travels first: with a different one the pieces would not line up, and the error would be vaguer.
@@ -32,9 +40,15 @@ public static class StateBroadcast
                 $"{layout[^2]} tensors of {layout[^1]:N0} bytes: do all ranks run the same model?");
         Array.Copy(layout, counters, counters.Length);
 
+        // The data plane moves every arriving chunk into the receiver's mailbox at once, without flow control, so a
+        // receiver that falls behind would buffer whatever the root sends (all of a state, at worst): a barrier after
+        // each piece keeps the root at most one piece ahead of the slowest receiver.
         foreach (var tensor in tensors)
             foreach (var (offset, length) in tensor.Pieces(pieceBytes))
+            {
                 await group.BroadcastAsync(tensor.Memory(offset, length), root, cancellationToken).ConfigureAwait(false);
+                await group.BarrierAsync(cancellationToken).ConfigureAwait(false);
+            }
 
         var mine = Sha256(counters, tensors, pieceBytes);
         var roots = (byte[])mine.Clone();

@@ -130,7 +130,8 @@ public sealed class Trainer : IDisposable
                 evals.Flush();
                 observer.OnEval(lastEval);
             }
-            if (Step % _spec.Checkpoint.Every == 0 || Step == last) BeginCheckpoint();
+            // The last one needs no copy of the state: nothing changes it before the Wait below.
+            if (Step % _spec.Checkpoint.Every == 0 || Step == last) BeginCheckpoint(copy: Step != last);
             AnnounceCommits(observer);
         }
         _checkpoints.Wait();
@@ -226,11 +227,10 @@ public sealed class Trainer : IDisposable
     {
         var tensors = StateTensors().Select(s => TensorBytes.Of(s.Tensor, s.Name)).ToList();
         long[] counters = [Step, _optimizer.StepCount];
-        // The layout, every piece and the hash are one collective each.
-        int collectives = 2 + tensors.Sum(t => (int)((t.Length + TensorBytes.DefaultPieceBytes - 1) / TensorBytes.DefaultPieceBytes));
         var clock = Stopwatch.StartNew();
         byte[] hash = [];
-        Collective(async ct => hash = await StateBroadcast.RunAsync(_dataParallel!, counters, tensors, root: 0, cancellationToken: ct), collectives);
+        Collective(async ct => hash = await StateBroadcast.RunAsync(_dataParallel!, counters, tensors, root: 0, cancellationToken: ct),
+            StateBroadcast.Collectives(tensors));
         (Step, _optimizer.StepCount) = (counters[0], counters[1]);
         _logger.LogInformation("Rank {Rank} starts from rank 0's state at step {Step}: {Bytes:N0} bytes in {Tensors} tensors, broadcast and verified in {Ms:F0} ms, sha256 {Hash}",
             DataParallelRank, Step, tensors.Sum(t => t.Length), tensors.Count, clock.Elapsed.TotalMilliseconds, Convert.ToHexStringLower(hash));
@@ -272,12 +272,13 @@ public sealed class Trainer : IDisposable
     /// Starts writing this rank's shard of the state at this step (ranks split the tensors between them); the write
     /// overlaps the following steps, and the commit happens when every shard has been reported.
     /// </summary>
-    public void BeginCheckpoint()
+    /// <param name="copy">false writes from the live tensors: only when nothing changes them before <see cref="FinishCheckpoint"/></param>
+    public void BeginCheckpoint(bool copy = true)
     {
         var metadata = StateMetadata();
         metadata["shard"] = $"{DataParallelRank}/{DataParallelSize}";
         _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), DataParallelRank, DataParallelSize,
-            CheckpointFiles.ShardOf(StateTensors(), DataParallelRank, DataParallelSize), metadata);
+            CheckpointFiles.ShardOf(StateTensors(), DataParallelRank, DataParallelSize), metadata, copy);
     }
 
     /// <summary>Waits for the shard being written, if any.</summary>

@@ -52,8 +52,8 @@ public static class SafeTensors
         headerBytes.AsSpan(8 + json.Length).Fill((byte)' ');
 
         // Reads only bytes, in pieces (a tensor may exceed 2 GiB, the most one Span holds). This runs on a checkpoint
-        // writer's thread beside the training thread, so it creates no torch object, except the short-lived view
-        // TensorBytes needs to find the address of a tensor over 2 GiB (a detached copy: nothing autograd tracks).
+        // writer's thread beside the training thread, so it creates no torch object, except the view TensorBytes
+        // needs to find the address of a tensor over 2 GiB, disposed at once (dispose scopes are per thread).
         var data = tensors.Select(t => TensorBytes.Of(t.Tensor, $"tensor '{t.Name}'")).ToList();
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         stream.Write(headerBytes);
