@@ -10,8 +10,8 @@ namespace Distributed.Training;
 /// </summary>
 public static class StateBroadcast
 {
-    /// <summary>The most a receiver buffers beyond its tensors (see <see cref="RunAsync"/>), and one barrier per piece: 64 MiB
-    /// moves in tens of milliseconds over the local transports, so the barriers cost a few percent.</summary>
+    /// <summary>The broadcast's piece: the most a receiver buffers beyond its own tensors (see <see cref="RunAsync"/>).
+    /// Each piece costs a barrier; 64 MiB take tens of milliseconds on the local transports, so that is a few percent.</summary>
     public const int PieceBytes = 64 << 20;
 
     /// <summary>Collectives <see cref="RunAsync"/> runs for tensors of these lengths: the layout, two per piece, the hash.</summary>
