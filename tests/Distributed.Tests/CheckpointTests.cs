@@ -173,6 +173,7 @@ public class CheckpointTests
         Assert.True(column.equal(small).all().item<bool>());
         using var floats = zeros(5);
         Assert.Contains("tensor 'small' is I64, the target is Float32", Assert.Throws<CheckpointException>(() => loaded.CopyInto([("small", floats)])).Message);
+        Directory.Delete(checkpoints, recursive: true);   // 400 MB
     }
 
     [LargeStateFact]
