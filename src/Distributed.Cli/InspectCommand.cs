@@ -86,23 +86,9 @@ static class InspectCommand
 
     static int Compare(string a, string b)
     {
-        using var first = CheckpointFiles.Load(a);
-        using var second = CheckpointFiles.Load(b);
-        foreach (var name in first.Tensors.Keys.Union(second.Tensors.Keys).Order(StringComparer.Ordinal))
-        {
-            if (!first.Tensors.TryGetValue(name, out var x) || !second.Tensors.TryGetValue(name, out var y))
-            {
-                Console.WriteLine($"different: tensor '{name}' is in only one of them");
-                return 4;
-            }
-            if (!x.bytes.SequenceEqual(y.bytes))
-            {
-                Console.WriteLine($"different: tensor '{name}' differs");
-                return 4;
-            }
-        }
-        Console.WriteLine($"identical: {first.Tensors.Count} tensors, byte for byte");
-        return 0;
+        var comparison = CheckpointFiles.Compare(a, b);
+        Console.WriteLine(comparison.Identical ? $"identical: {comparison.Tensors} tensors, byte for byte" : $"different: {comparison.Difference}");
+        return comparison.Identical ? 0 : 4;
     }
 
     static int ShowCheckpoint(string directory)
@@ -120,12 +106,13 @@ static class InspectCommand
         foreach (var (key, value) in checkpoint.Metadata.OrderBy(p => p.Key, StringComparer.Ordinal))
             Console.WriteLine($"{key,-16} {(key == "vocab" ? System.Text.Json.JsonSerializer.Serialize(value) : value)}");
         long total = 0;
-        foreach (var (name, tensor) in checkpoint.Tensors)
+        // From the headers alone: listing a state needs none of its bytes in memory.
+        foreach (var (name, stored) in checkpoint.Stored)
         {
-            total += tensor.numel();
-            Console.WriteLine($"  {name,-48} {tensor.dtype,-8} [{string.Join(", ", tensor.shape)}]");
+            total += stored.Entry.Shape.Aggregate(1L, (product, d) => product * d);
+            Console.WriteLine($"  {name,-48} {stored.Entry.DType,-8} [{string.Join(", ", stored.Entry.Shape)}]");
         }
-        Console.WriteLine($"{checkpoint.Tensors.Count} tensors, {total:N0} elements");
+        Console.WriteLine($"{checkpoint.Stored.Count} tensors, {total:N0} elements");
         return 0;
     }
 }

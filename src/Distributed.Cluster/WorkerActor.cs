@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Distributed.Cluster.Config;
 using Distributed.Comm;
+using Distributed.Comm.Kernels;
 using Distributed.Core;
 using Distributed.Training;
 using Distributed.Training.Checkpoints;
@@ -115,18 +116,21 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             var spec = JobConfigLoader.Parse(assignment.JobHocon, origin: "the coordinator's job");
             _node.BeginGeneration(generation, rank);
             var transport = TransportKinds.Parse(spec.Cluster.Transport);
+            // Disposed after the links below: no collective of this generation runs on the kernels any more.
+            using var kernels = ReductionKernels.ForJob(spec.Cluster.Kernels);
+            logger.LogInformation("Rank {Rank} reduces with {Kernels} kernels (cluster.kernels = {Setting})", rank, kernels.Description, spec.Cluster.Kernels);
             var links = new PeerLinks(_node, generation, assignment.Endpoints, transport);
             try
             {
                 faults.Attach(links);
                 var members = Enumerable.Range(0, assignment.Endpoints.Count).ToArray();
-                var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds) };
+                var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds), Kernels = kernels };
                 var dataParallel = new ProcessGroup(links, groupId: 0, members, options);
                 // Compressed gradients get a group of their own, so weights, losses and evaluations stay exact.
                 var gradients = spec.Cluster.Compression == "bf16"
                     ? new ProcessGroup(links, groupId: 1, members, options with { Compression = Compression.BFloat16 })
                     : dataParallel;
-                var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename };
+                var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, dataParallel, gradients, writer);
                 trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));

@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using Distributed.Comm;
 using Distributed.Model;
 using TorchSharp;
@@ -86,12 +85,10 @@ sealed class GradientBuckets : IDisposable
         _buckets.Add(new Bucket(flat, memory, [.. members]));
     }
 
-    static unsafe float* Pointer(Tensor t) => (float*)Unsafe(t);
-
-    static unsafe IntPtr Unsafe(Tensor t) => (IntPtr)System.Runtime.CompilerServices.Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
+    static unsafe float* Pointer(Tensor t) => (float*)TensorBytes.Of(t).Address;
 
     // A parameter's identity across TorchSharp's wrappers (nn.Embedding hands out a new one per access): its storage.
-    static IntPtr DataPointer(Tensor t) => Unsafe(t);
+    static unsafe IntPtr DataPointer(Tensor t) => (IntPtr)TensorBytes.Of(t).Address;
 
     /// <summary>Bytes all-reduced per step.</summary>
     public long Bytes { get; }

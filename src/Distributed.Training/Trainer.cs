@@ -1,8 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
-using System.Runtime.InteropServices;
-using System.Security.Cryptography;
 using Distributed.Comm;
 using Distributed.Core;
 using Distributed.Model;
@@ -56,7 +54,9 @@ public sealed class Trainer : IDisposable
         _checkpoints = checkpoints;
         torch.set_num_threads(spec.Threads > 0 ? spec.Threads : Environment.ProcessorCount);
 
+        var loading = Stopwatch.StartNew();
         LoadedCheckpoint? checkpoint = resumeFrom is null ? null : CheckpointFiles.Load(resumeFrom);
+        var verifying = loading.Elapsed;
         try
         {
             var tokenizer = checkpoint is null ? null : new CharTokenizer(checkpoint.Require("vocab"));
@@ -69,8 +69,11 @@ public sealed class Trainer : IDisposable
             _optimizer = new AdamW(Model.named_parameters(), spec.Optimizer);
             if (checkpoint is not null)
             {
+                loading.Restart();
                 Restore(checkpoint);
-                _logger.LogInformation("Resumed from {Path} at step {Step}", checkpoint.Path, Step);
+                _logger.LogInformation("Resumed from {Path} at step {Step}: shards verified in {VerifyMs:F0} ms, {Bytes:N0} bytes of state read in {ReadMs:F0} ms",
+                    checkpoint.Path, Step, verifying.TotalMilliseconds, StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize),
+                    loading.Elapsed.TotalMilliseconds);
             }
             if (_dataParallel is not null) SynchronizeWithRankZero();
             // A group of one has nothing to average: it trains exactly as the plain loop does.
@@ -136,7 +139,8 @@ public sealed class Trainer : IDisposable
                 evals.Flush();
                 observer.OnEval(lastEval);
             }
-            if (Step % _spec.Checkpoint.Every == 0 || Step == last) BeginCheckpoint();
+            // The last one needs no copy of the state: nothing changes it before the Wait below.
+            if (Step % _spec.Checkpoint.Every == 0 || Step == last) BeginCheckpoint(copy: Step != last);
             AnnounceCommits(observer);
         }
         _checkpoints.Wait();
@@ -217,47 +221,40 @@ public sealed class Trainer : IDisposable
 
     /// <summary>
     /// Runs collectives from the training thread (which may block: it is not an actor's), bounded by a deadline
-    /// for the whole operation on top of the per-chunk one the process group enforces.
+    /// for the whole operation on top of the per-chunk one the process group enforces; an operation made of
+    /// several collectives gets that deadline once per collective.
     /// </summary>
-    void Collective(Func<CancellationToken, Task> operation)
+    void Collective(Func<CancellationToken, Task> operation, int collectives = 1)
     {
-        using var deadline = CollectiveDeadline();
+        using var deadline = CollectiveDeadline(collectives);
         Wait(operation(deadline.Token));
     }
 
-    CancellationTokenSource CollectiveDeadline()
+    CancellationTokenSource CollectiveDeadline(int collectives = 1)
     {
         var deadline = CancellationTokenSource.CreateLinkedTokenSource(_cancellation);
-        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4));
+        deadline.CancelAfter(TimeSpan.FromSeconds(_spec.Cluster.CollectiveTimeoutSeconds * 4 * collectives));
         return deadline;
     }
 
     static void Wait(Task task) => task.GetAwaiter().GetResult();
 
     /// <summary>
-    /// Makes every rank start from rank 0's state (weights and optimizer moments, as DDP broadcasts its module),
-    /// then checks by SHA-256 that they really are identical.
+    /// Makes every rank start from rank 0's state (weights, optimizer moments and step counters, as DDP broadcasts
+    /// its module), tensor by tensor in pieces straight between the tensors' memory, then checks by SHA-256 that
+    /// they really are identical.
     /// </summary>
     void SynchronizeWithRankZero()
     {
-        var state = StateTensors();
-        long total = state.Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize);
-        var buffer = new byte[total + sizeof(long)];
-        long offset = 0;
-        foreach (var (_, t) in state) { t.bytes.CopyTo(buffer.AsSpan((int)offset)); offset += t.bytes.Length; }
-        BitConverter.TryWriteBytes(buffer.AsSpan((int)offset), Step);
-        Collective(ct => _dataParallel!.BroadcastAsync(buffer, root: 0, ct));
-        offset = 0;
-        using (var noGrad = no_grad())
-            foreach (var (_, t) in state) { buffer.AsSpan((int)offset, t.bytes.Length).CopyTo(t.bytes); offset += t.bytes.Length; }
-        Step = BitConverter.ToInt64(buffer, (int)offset);
-
-        var mine = SHA256.HashData(buffer);
-        var leaders = (byte[])mine.Clone();
-        Collective(ct => _dataParallel!.BroadcastAsync(leaders, root: 0, ct));
-        if (!mine.AsSpan().SequenceEqual(leaders))
-            throw new InvalidOperationException($"rank {DataParallelRank}'s initial state differs from rank 0's after the broadcast");
-        _logger.LogDebug("Rank {Rank} starts from rank 0's state, sha256 {Hash}", DataParallelRank, Convert.ToHexStringLower(mine));
+        var tensors = StateTensors().Select(s => TensorBytes.Of(s.Tensor, s.Name)).ToList();
+        long[] counters = [Step, _optimizer.StepCount];
+        var clock = Stopwatch.StartNew();
+        byte[] hash = [];
+        Collective(async ct => hash = await StateBroadcast.RunAsync(_dataParallel!, counters, tensors, root: 0, cancellationToken: ct),
+            StateBroadcast.Collectives(tensors));
+        (Step, _optimizer.StepCount) = (counters[0], counters[1]);
+        _logger.LogInformation("Rank {Rank} starts from rank 0's state at step {Step}: {Bytes:N0} bytes in {Tensors} tensors, broadcast and verified in {Ms:F0} ms, sha256 {Hash}",
+            DataParallelRank, Step, tensors.Sum(t => t.Length), tensors.Count, clock.Elapsed.TotalMilliseconds, Convert.ToHexStringLower(hash));
     }
 
     static (Tensor X, Tensor Y) Batch(BatchSampler sampler, long step, int first, int count)
@@ -296,12 +293,13 @@ public sealed class Trainer : IDisposable
     /// Starts writing this rank's shard of the state at this step (ranks split the tensors between them); the write
     /// overlaps the following steps, and the commit happens when every shard has been reported.
     /// </summary>
-    public void BeginCheckpoint()
+    /// <param name="copy">false writes from the live tensors: only when nothing changes them before <see cref="FinishCheckpoint"/></param>
+    public void BeginCheckpoint(bool copy = true)
     {
         var metadata = StateMetadata();
         metadata["shard"] = $"{DataParallelRank}/{DataParallelSize}";
         _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), DataParallelRank, DataParallelSize,
-            CheckpointFiles.ShardOf(StateTensors(), DataParallelRank, DataParallelSize), metadata);
+            CheckpointFiles.ShardOf(StateTensors(), DataParallelRank, DataParallelSize), metadata, copy);
     }
 
     /// <summary>Waits for the shard being written, if any.</summary>

@@ -143,4 +143,54 @@ public class CheckpointTests
         foreach (var key in new[] { "step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "wall_time" }) Assert.True(last.TryGetProperty(key, out _), key);
         Assert.Equal(30, last.GetProperty("step").GetInt32());
     }
+
+    [Fact]
+    public void TensorsLargerThanAReadPieceLoadStraightIntoTheTargetsAndCompareByteForByte()
+    {
+        string checkpoints = TestSupport.TempDir("pieces");
+        manual_seed(3);
+        using var big = randn(25_000_003);   // 100 MB: more than one 64 MiB piece
+        using var small = arange(5, dtype: ScalarType.Int64);
+        string one = Commit(checkpoints, 1, [("big", big), ("small", small)]);
+        string split = Commit(checkpoints, 2, [("small", small)], [("big", big)]);   // the same tensors, other shards
+        using var changed = big.clone();
+        using (var last = changed.narrow(0, 25_000_002, 1)) last.add_(1);
+        string other = Commit(checkpoints, 3, [("big", changed), ("small", small)]);
+        string fewer = Commit(checkpoints, 4, [("big", big)]);
+
+        var same = CheckpointFiles.Compare(one, split);
+        Assert.True(same.Identical, same.Difference);
+        Assert.Equal(2, same.Tensors);
+        Assert.Matches(@"^tensor 'big' differs \(first at byte 100,000,0(08|09|10|11)\)$", CheckpointFiles.Compare(one, other).Difference);
+        Assert.Equal("tensor 'small' is in only one of them", CheckpointFiles.Compare(one, fewer).Difference);
+
+        using var loaded = CheckpointFiles.Load(split);
+        using var target = zeros(25_000_003);
+        using var pairs = zeros(new long[] { 5, 2 }, dtype: ScalarType.Int64);
+        using var column = pairs.select(1, 0);   // not contiguous: goes through a temporary tensor
+        loaded.CopyInto([("big", target), ("small", column)]);
+        Assert.True(target.equal(big).all().item<bool>());
+        Assert.True(column.equal(small).all().item<bool>());
+        using var floats = zeros(5);
+        Assert.Contains("tensor 'small' is I64, the target is Float32", Assert.Throws<CheckpointException>(() => loaded.CopyInto([("small", floats)])).Message);
+        Directory.Delete(checkpoints, recursive: true);   // 400 MB
+    }
+
+    [LargeStateFact]
+    public void ATensorOver2GiBRoundTripsThroughAShardFileOver2GiB()
+    {
+        string checkpoints = TestSupport.TempDir("over-2gib");
+        long elements = (1L << 29) + 3;   // 2 GiB + 12 bytes
+        using var big = arange(elements, dtype: ScalarType.Float32);
+        string dir = Commit(checkpoints, 1, [("big", big)]);
+        Assert.True(CheckpointFiles.ReadManifest(dir).Shards[0].Bytes > 1L << 31);
+        using (var loaded = CheckpointFiles.Load(dir))
+        {
+            using var target = zeros(elements);
+            loaded.CopyInto([("big", target)]);
+            Assert.True(target.equal(big).all().item<bool>());
+        }
+        Assert.True(CheckpointFiles.Compare(dir, dir).Identical);
+        Directory.Delete(checkpoints, recursive: true);
+    }
 }

@@ -50,6 +50,8 @@ public class ConfigTests
     [InlineData("train { batch-size = 12, grad-accum = 5 }", "config key 'train.batch-size' (12) must be divisible by 'train.grad-accum' (5)", null)]
     [InlineData("cluster { compression = fp8 }", "config key 'cluster.compression' must be none or bf16, got 'fp8'", null)]
     [InlineData("cluster { transport = udp }", "config key 'cluster.transport' must be shm, tcp or grpc, got 'udp'", null)]
+    [InlineData("cluster { kernels = cuda }", "config key 'cluster.kernels' must be auto, simd or ilgpu, got 'cuda'", null)]
+    [InlineData("cluster { kernels = SIMD }", "config key 'cluster.kernels' must be auto, simd or ilgpu, got 'SIMD'", null)]
     [InlineData("model { n-layer = ${missing} }", "is not valid HOCON: Unresolved substitution: missing", null)]
     public void BadConfigNamesTheKey(string hocon, string expected, string? hint)
     {

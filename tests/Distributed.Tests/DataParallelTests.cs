@@ -1,4 +1,5 @@
 using System.Text.Json;
+using System.Text.RegularExpressions;
 using Distributed.Training;
 using Distributed.Training.Checkpoints;
 
@@ -132,4 +133,29 @@ public class DataParallelTests
         Assert.Contains("tensor 'model.wte.weight' has shape [65, 32], the model needs [65, 48]", wider.Stderr);
         Assert.DoesNotContain("giving up after", wider.Stderr);   // retrying cannot help, so it is not retried
     }
+
+    [Fact]
+    public void IlgpuKernelsTrainBitIdenticalToSimdKernels()
+    {
+        var dirs = new Dictionary<string, string>();
+        foreach (var kernels in new[] { "simd", "ilgpu" })
+        {
+            string dir = dirs[kernels] = TestSupport.TempDir($"kernels-{kernels}");
+            var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, Job.Append($"cluster.kernels={kernels}")));
+            Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        }
+        // Each rank logs the kernels that reduced its gradients: the ILGPU run really ran ILGPU (on its CPU
+        // accelerator on a machine without a CUDA GPU), or the comparison below would prove nothing.
+        Assert.Equal(2, Regex.Count(WorkerLogs(dirs["simd"]), @"Rank [01] reduces with simd kernels \(cluster\.kernels = simd\)"));
+        Assert.Equal(2, Regex.Count(WorkerLogs(dirs["ilgpu"]), @"Rank [01] reduces with ilgpu on (CPU|Cuda) \(.+\) kernels \(cluster\.kernels = ilgpu\)"));
+
+        string final = CheckpointFiles.DirectoryName(20);
+        var comparison = CheckpointFiles.Compare(Path.Combine(dirs["simd"], "checkpoints", final), Path.Combine(dirs["ilgpu"], "checkpoints", final));
+        Assert.True(comparison.Identical, comparison.Difference);
+        Assert.True(comparison.Tensors > 10, $"only {comparison.Tensors} tensors compared");
+        Assert.Equal(Losses(dirs["simd"]), Losses(dirs["ilgpu"]));
+    }
+
+    static string WorkerLogs(string runDir) =>
+        string.Concat(Directory.GetFiles(Path.Combine(runDir, "logs"), "worker-*.log").Select(File.ReadAllText));
 }

@@ -200,4 +200,25 @@ public class KernelTests : IClassFixture<KernelTests.Kernels>
         Assert.Equal("simd", ReductionKernels.Default.Name);
         Assert.Throws<ArgumentException>(() => ReductionKernels.Create("cuda"));
     }
+
+    [Fact]
+    public void EachJobSettingGetsItsKernelsAndAutoPrefersACudaGpuOverSimd()
+    {
+        bool cuda;
+        using (var onCuda = IlgpuReductionKernels.TryCreateOnCuda())
+        {
+            cuda = onCuda is not null;
+            if (onCuda is not null) Assert.Equal("Cuda", onCuda.AcceleratorKind);
+        }
+        using (var simd = ReductionKernels.ForJob("simd")) Assert.IsType<SimdReductionKernels>(simd);
+        using (var ilgpu = ReductionKernels.ForJob("ilgpu"))
+        {
+            Assert.Equal(cuda ? "Cuda" : "CPU", Assert.IsType<IlgpuReductionKernels>(ilgpu).AcceleratorKind);
+            Assert.StartsWith($"ilgpu on {(cuda ? "Cuda" : "CPU")} (", ilgpu.Description);
+        }
+        // Without a CUDA GPU (the build machines have none) auto is SIMD: ILGPU's CPU accelerator is slower.
+        using (var auto = ReductionKernels.ForJob("auto")) Assert.Equal(cuda ? "ilgpu" : "simd", auto.Name);
+        Assert.Equal(["auto", "simd", "ilgpu"], ReductionKernels.JobSettings);
+        Assert.Contains("got 'cuda'", Assert.Throws<ArgumentException>(() => ReductionKernels.ForJob("cuda")).Message);
+    }
 }

@@ -5,6 +5,9 @@ public interface IReductionKernels : IDisposable
 {
     string Name { get; }
 
+    /// <summary>What runs the arithmetic, for logs (ILGPU adds its accelerator).</summary>
+    string Description => Name;
+
     /// <summary>accumulator[i] += chunk[i]; both spans have the same length.</summary>
     void Accumulate(Span<float> accumulator, ReadOnlySpan<float> chunk);
 

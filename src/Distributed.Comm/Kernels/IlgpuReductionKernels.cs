@@ -20,23 +20,52 @@ public sealed class IlgpuReductionKernels : IReductionKernels
     private MemoryBuffer1D<ushort, Stride1D.Dense>? _h;
     private bool _disposed;
 
+    /// <summary>On the CUDA accelerator when there is a CUDA GPU, else on ILGPU's CPU accelerator.</summary>
     public IlgpuReductionKernels()
-    {
         // On the CPU: one two-thread group per core (the smallest warp ILGPU allows), each thread looping over a block
         // (see Launch). ILGPU's default CPU device, one emulated thread per element, ran Accumulate at 0.01 GB/s.
-        _context = Context.Create(b => b.Cuda().CPU(new CPUDevice(2, 1, Environment.ProcessorCount)));
-        var device = _context.Devices.FirstOrDefault(d => d.AcceleratorType == AcceleratorType.Cuda) ?? _context.GetCPUDevice(0);
-        _accelerator = device.CreateAccelerator(_context);
-        _accumulate = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(AccumulateKernel);
-        _scale = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, float, int>(ScaleKernel);
-        _toBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, int>(ToBFloat16Kernel);
-        _fromBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>, int>(FromBFloat16Kernel);
+        : this(Context.Create(b => b.Cuda().CPU(new CPUDevice(2, 1, Environment.ProcessorCount))))
+    {
+    }
+
+    // Takes ownership of the context. It is created without ContextFlags.FastMath, so on CUDA the kernels compile to
+    // add.f32 and mul.f32: IEEE round-to-nearest with subnormals kept (FastMath would emit add.ftz.f32), one rounding
+    // per element as on the CPU, so every accelerator gives the bits SimdReductionKernels gives.
+    IlgpuReductionKernels(Context context)
+    {
+        _context = context;
+        try
+        {
+            var device = _context.Devices.FirstOrDefault(d => d.AcceleratorType == AcceleratorType.Cuda) ?? _context.GetCPUDevice(0);
+            _accelerator = device.CreateAccelerator(_context);
+            _accumulate = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, int>(AccumulateKernel);
+            _scale = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, float, int>(ScaleKernel);
+            _toBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<ushort>, int>(ToBFloat16Kernel);
+            _fromBFloat16 = _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, ArrayView<float>, int>(FromBFloat16Kernel);
+        }
+        catch
+        {
+            _accelerator?.Dispose();
+            _context.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The kernels on a CUDA GPU, or null where ILGPU finds none (no GPU, or no CUDA driver).</summary>
+    public static IlgpuReductionKernels? TryCreateOnCuda()
+    {
+        var context = Context.Create(b => b.Cuda());
+        if (context.Devices.Any(d => d.AcceleratorType == AcceleratorType.Cuda)) return new IlgpuReductionKernels(context);
+        context.Dispose();
+        return null;
     }
 
     public string Name => "ilgpu";
 
     /// <summary>The accelerator the kernels run on ("Cuda" or "CPU").</summary>
     public string AcceleratorKind => _accelerator.AcceleratorType.ToString();
+
+    public string Description => $"ilgpu on {AcceleratorKind} ({_accelerator.Name})";
 
     public void Accumulate(Span<float> accumulator, ReadOnlySpan<float> chunk)
     {

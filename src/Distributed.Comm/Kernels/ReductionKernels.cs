@@ -17,6 +17,22 @@ public static class ReductionKernels
         _ => throw new ArgumentException($"Unknown reduction kernels '{name}'; expected one of: {string.Join(", ", Names)}.", nameof(name)),
     };
 
+    /// <summary>The spellings of the config key cluster.kernels.</summary>
+    public static readonly IReadOnlyList<string> JobSettings = ["auto", "simd", "ilgpu"];
+
+    /// <summary>
+    /// The kernels a job's cluster.kernels names: "auto" is ILGPU on a CUDA GPU where there is one, SIMD otherwise
+    /// (ILGPU's CPU accelerator is slower than SIMD); "simd"; "ilgpu" is ILGPU on CUDA where there is a GPU, else on
+    /// ILGPU's CPU accelerator. The caller disposes the result: ILGPU's holds a context and an accelerator.
+    /// </summary>
+    public static IReductionKernels ForJob(string setting) => setting switch
+    {
+        "auto" => (IReductionKernels?)IlgpuReductionKernels.TryCreateOnCuda() ?? new SimdReductionKernels(),
+        "simd" => new SimdReductionKernels(),
+        "ilgpu" => new IlgpuReductionKernels(),
+        _ => throw new ArgumentException($"cluster.kernels must be one of {string.Join(", ", JobSettings)}, got '{setting}'", nameof(setting)),
+    };
+
     internal static void CheckSameLength(int accumulator, int chunk)
     {
         if (accumulator != chunk)

@@ -26,35 +26,95 @@ public sealed record ShardMismatch(string Path, string Expected, string Actual)
     public override string ToString() => $"'{Path}' has SHA-256 {Actual}, recorded {Expected}";
 }
 
-/// <summary>A checkpoint read back from disk (all shards merged): its metadata and its tensors by name.</summary>
-public sealed class LoadedCheckpoint(string path, Dictionary<string, string> metadata, Dictionary<string, Tensor> tensors) : IDisposable
+/// <summary>Where one tensor of a checkpoint lies: its shard file and its safetensors entry.</summary>
+public sealed record StoredTensor(string File, long DataStart, TensorEntry Entry);
+
+/// <summary>
+/// A verified checkpoint on disk (all shards merged): its metadata, and its tensors, which are read from the shard
+/// files when asked for. <see cref="CopyInto"/> streams them straight into a model's tensors, so loading a state
+/// never needs a second copy of it in memory.
+/// </summary>
+public sealed class LoadedCheckpoint(string path, Dictionary<string, string> metadata, Dictionary<string, StoredTensor> stored) : IDisposable
 {
+    Dictionary<string, Tensor>? _tensors;
+
     public string Path { get; } = path;
     public IReadOnlyDictionary<string, string> Metadata { get; } = metadata;
-    public IReadOnlyDictionary<string, Tensor> Tensors { get; } = tensors;
+
+    /// <summary>Every tensor's name and place, without reading any bytes.</summary>
+    public IReadOnlyDictionary<string, StoredTensor> Stored { get; } = stored;
+
+    /// <summary>Every tensor, read into memory on first use (the whole state: for inspection and tests; training uses <see cref="CopyInto"/>).</summary>
+    public IReadOnlyDictionary<string, Tensor> Tensors => _tensors ??= ReadAll();
 
     public string Require(string key) => Metadata.TryGetValue(key, out var v)
         ? v : throw new CheckpointException($"checkpoint '{Path}' lacks metadata '{key}'");
 
-    /// <summary>Copies the named tensors into <paramref name="targets"/>; a missing tensor or another shape is an error naming both.</summary>
+    /// <summary>
+    /// Reads the named tensors into <paramref name="targets"/>, straight from the files; a missing tensor or another
+    /// shape is an error naming both. A target that is not a contiguous CPU tensor goes through a temporary copy.
+    /// </summary>
     public void CopyInto(IEnumerable<(string Name, Tensor Tensor)> targets)
     {
-        using var noGrad = no_grad();
-        foreach (var (name, target) in targets)
+        var files = new Dictionary<string, FileStream>();
+        try
         {
-            if (!Tensors.TryGetValue(name, out var source))
-                throw new CheckpointException($"checkpoint '{Path}' lacks tensor '{name}'");
-            if (!source.shape.SequenceEqual(target.shape))
-                throw new CheckpointException(
-                    $"checkpoint '{Path}' tensor '{name}' has shape [{string.Join(", ", source.shape)}], the model needs [{string.Join(", ", target.shape)}]");
-            target.copy_(source);
+            using var noGrad = no_grad();
+            foreach (var (name, target) in targets)
+            {
+                if (!Stored.TryGetValue(name, out var stored))
+                    throw new CheckpointException($"checkpoint '{Path}' lacks tensor '{name}'");
+                if (!stored.Entry.Shape.SequenceEqual(target.shape))
+                    throw new CheckpointException(
+                        $"checkpoint '{Path}' tensor '{name}' has shape [{string.Join(", ", stored.Entry.Shape)}], the model needs [{string.Join(", ", target.shape)}]");
+                if (!files.TryGetValue(stored.File, out var stream)) files[stored.File] = stream = File.OpenRead(stored.File);
+                if (target.device_type == DeviceType.CPU && target.is_contiguous())
+                    SafeTensors.ReadInto(stream, stored.DataStart, stored.Entry, stored.File, target);
+                else
+                {
+                    using var staged = SafeTensors.ReadTensor(stream, stored.DataStart, stored.Entry, stored.File);
+                    target.copy_(staged);
+                }
+            }
         }
+        finally
+        {
+            foreach (var stream in files.Values) stream.Dispose();
+        }
+    }
+
+    Dictionary<string, Tensor> ReadAll()
+    {
+        var tensors = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        try
+        {
+            foreach (var group in Stored.GroupBy(s => s.Value.File))
+            {
+                using var stream = File.OpenRead(group.Key);
+                foreach (var (name, stored) in group)
+                    tensors[name] = SafeTensors.ReadTensor(stream, stored.DataStart, stored.Entry, stored.File).DetachFromDisposeScope();
+            }
+        }
+        catch
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+            throw;
+        }
+        return tensors;
     }
 
     public void Dispose()
     {
-        foreach (var t in Tensors.Values) t.Dispose();
+        if (_tensors is null) return;
+        foreach (var t in _tensors.Values) t.Dispose();
+        _tensors = null;
     }
+}
+
+/// <summary>How two checkpoints compare: the tensors looked at, and the first difference (null when identical).</summary>
+public sealed record CheckpointComparison(int Tensors, string? Difference)
+{
+    public bool Identical => Difference is null;
 }
 
 /// <summary>
@@ -183,7 +243,10 @@ public static class CheckpointFiles
         return null;
     }
 
-    /// <summary>Loads a committed checkpoint: verifies every shard against the manifest, then merges them.</summary>
+    /// <summary>
+    /// Opens a committed checkpoint: verifies every shard against the manifest, then merges their headers. The
+    /// tensors' bytes stay in the files until asked for.
+    /// </summary>
     public static LoadedCheckpoint Load(string directory)
     {
         if (File.Exists(directory)) throw new CheckpointException($"'{directory}' is a file: a checkpoint is a directory holding {ManifestName} and its shards");
@@ -191,25 +254,59 @@ public static class CheckpointFiles
         var bad = Verify(directory, manifest.Shards);
         if (bad.Count > 0) throw new CheckpointException($"checkpoint '{directory}' is corrupt: {string.Join("; ", bad)}");
         Dictionary<string, string>? metadata = null;
-        var tensors = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-        try
+        var stored = new Dictionary<string, StoredTensor>(StringComparer.Ordinal);
+        foreach (var shard in manifest.Shards.OrderBy(s => s.Rank))
         {
-            foreach (var shard in manifest.Shards.OrderBy(s => s.Rank))
-            {
-                string path = Path.Combine(directory, shard.File);
-                using var stream = File.OpenRead(path);
-                var (shardMetadata, entries, dataStart) = SafeTensors.ReadHeader(stream, path);
-                metadata ??= shardMetadata;
-                foreach (var entry in entries)
-                    tensors[entry.Name] = SafeTensors.ReadTensor(stream, dataStart, entry, path).DetachFromDisposeScope();
-            }
+            string path = Path.Combine(directory, shard.File);
+            using var stream = File.OpenRead(path);
+            var (shardMetadata, entries, dataStart) = SafeTensors.ReadHeader(stream, path);
+            metadata ??= shardMetadata;
+            foreach (var entry in entries) stored[entry.Name] = new StoredTensor(path, dataStart, entry);
         }
-        catch
+        return new LoadedCheckpoint(directory, metadata ?? [], stored);
+    }
+
+    /// <summary>
+    /// Whether two committed checkpoints hold the same tensors (names, dtypes, shapes and every byte), however their
+    /// shards split them. Reads both in bounded pieces, so states of any size compare in little memory.
+    /// </summary>
+    public static CheckpointComparison Compare(string a, string b)
+    {
+        using var first = Load(a);
+        using var second = Load(b);
+        var names = first.Stored.Keys.Union(second.Stored.Keys).Order(StringComparer.Ordinal).ToList();
+        foreach (var name in names)
         {
-            foreach (var t in tensors.Values) t.Dispose();
-            throw;
+            if (!first.Stored.TryGetValue(name, out var x) || !second.Stored.TryGetValue(name, out var y))
+                return new CheckpointComparison(names.Count, $"tensor '{name}' is in only one of them");
+            if (x.Entry.DType != y.Entry.DType || !x.Entry.Shape.SequenceEqual(y.Entry.Shape))
+                return new CheckpointComparison(names.Count,
+                    $"tensor '{name}' is {x.Entry.DType} [{string.Join(", ", x.Entry.Shape)}] in one, {y.Entry.DType} [{string.Join(", ", y.Entry.Shape)}] in the other");
+            if (FirstDifference(x, y) is long at)
+                return new CheckpointComparison(names.Count, $"tensor '{name}' differs (first at byte {at:N0})");
         }
-        return new LoadedCheckpoint(directory, metadata ?? [], tensors);
+        return new CheckpointComparison(names.Count, null);
+    }
+
+    const int ComparePieceBytes = 16 << 20;
+
+    /// <summary>Null when both tensors' bytes are equal, else the offset of the first byte that differs.</summary>
+    static long? FirstDifference(StoredTensor x, StoredTensor y)
+    {
+        using var a = File.OpenRead(x.File);
+        using var b = File.OpenRead(y.File);
+        a.Position = x.DataStart + x.Entry.Begin;
+        b.Position = y.DataStart + y.Entry.Begin;
+        var bufferA = new byte[ComparePieceBytes];
+        var bufferB = new byte[ComparePieceBytes];
+        foreach (var (offset, length) in TensorBytes.Split(x.Entry.End - x.Entry.Begin, ComparePieceBytes))
+        {
+            a.ReadExactly(bufferA, 0, length);
+            b.ReadExactly(bufferB, 0, length);
+            int common = bufferA.AsSpan(0, length).CommonPrefixLength(bufferB.AsSpan(0, length));
+            if (common < length) return offset + common;
+        }
+        return null;
     }
 
     /// <summary>

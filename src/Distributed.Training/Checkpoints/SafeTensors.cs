@@ -18,6 +18,9 @@ public sealed record TensorEntry(string Name, string DType, long[] Shape, long B
 /// </summary>
 public static class SafeTensors
 {
+    // Reads and writes go in pieces this large: a tensor's bytes may exceed what one Span can hold.
+    const int PieceBytes = 64 << 20;
+
     /// <summary>
     /// Writes contiguous CPU tensors and string metadata to <paramref name="stream"/>; returns the SHA-256 of all bytes
     /// written. <paramref name="afterData"/> runs once the last byte is written (an fsync overlaps the hashing).
@@ -48,20 +51,24 @@ public static class SafeTensors
         json.CopyTo(headerBytes, 8);
         headerBytes.AsSpan(8 + json.Length).Fill((byte)' ');
 
+        // Reads only bytes, in pieces (a tensor may exceed 2 GiB, the most one Span holds). This runs on a checkpoint
+        // writer's thread beside the training thread, so it creates no torch object, except the view TensorBytes
+        // needs to find the address of a tensor over 2 GiB, disposed at once (dispose scopes are per thread).
+        var data = tensors.Select(t => TensorBytes.Of(t.Tensor, $"tensor '{t.Name}'")).ToList();
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         stream.Write(headerBytes);
         hash.AppendData(headerBytes);
-        // Only reads bytes: this runs on a checkpoint writer's thread, where creating torch objects is not safe
-        // while the training thread runs.
-        foreach (var (name, tensor) in tensors)
-            if (tensor.device_type != DeviceType.CPU || !tensor.is_contiguous())
-                throw new ArgumentException($"tensor '{name}' must be contiguous and on the CPU to be written", nameof(tensors));
         // Hashing (about 2 GB/s with SHA extensions) runs beside the writing instead of after each block, and
         // afterData (the fsync) runs before waiting for it, so a checkpoint costs about one pass over the bytes.
-        var hashing = Task.Run(() => { foreach (var (_, t) in tensors) hash.AppendData(t.bytes); });
+        var hashing = Task.Run(() =>
+        {
+            foreach (var t in data)
+                foreach (var (at, length) in t.Pieces(PieceBytes)) hash.AppendData(t.Span(at, length));
+        });
         try
         {
-            foreach (var (_, t) in tensors) stream.Write(t.bytes);
+            foreach (var t in data)
+                foreach (var (at, length) in t.Pieces(PieceBytes)) stream.Write(t.Span(at, length));
             afterData?.Invoke();
         }
         finally
@@ -109,20 +116,40 @@ public static class SafeTensors
     /// <summary>Reads one tensor's bytes into a new CPU tensor.</summary>
     public static Tensor ReadTensor(Stream stream, long dataStart, TensorEntry entry, string path)
     {
-        var dtype = entry.DType switch
+        var tensor = empty(entry.Shape, ScalarTypeOf(entry, path));
+        try
         {
-            "F32" => ScalarType.Float32,
-            "I64" => ScalarType.Int64,
-            _ => throw new CheckpointException($"checkpoint '{path}' tensor '{entry.Name}' has unsupported dtype {entry.DType}"),
-        };
-        var tensor = empty(entry.Shape, dtype);
-        long expected = tensor.NumberOfElements * tensor.ElementSize;
-        if (entry.End - entry.Begin != expected || dataStart + entry.End > stream.Length)
-            throw new CheckpointException($"checkpoint '{path}' tensor '{entry.Name}' has {entry.End - entry.Begin} bytes, expected {expected}");
-        stream.Position = dataStart + entry.Begin;
-        stream.ReadExactly(tensor.bytes);
-        return tensor;
+            ReadInto(stream, dataStart, entry, path, tensor);
+            return tensor;
+        }
+        catch
+        {
+            tensor.Dispose();
+            throw;
+        }
     }
+
+    /// <summary>
+    /// Reads one tensor's bytes straight into <paramref name="target"/> (contiguous, on the CPU, of the entry's dtype
+    /// and element count), in pieces: no buffer of the whole tensor.
+    /// </summary>
+    public static void ReadInto(Stream stream, long dataStart, TensorEntry entry, string path, Tensor target)
+    {
+        if (target.dtype != ScalarTypeOf(entry, path))
+            throw new CheckpointException($"checkpoint '{path}' tensor '{entry.Name}' is {entry.DType}, the target is {target.dtype}");
+        var bytes = TensorBytes.Of(target, $"the target of tensor '{entry.Name}'");
+        if (entry.End - entry.Begin != bytes.Length || entry.Begin < 0 || dataStart + entry.End > stream.Length)
+            throw new CheckpointException($"checkpoint '{path}' tensor '{entry.Name}' has {entry.End - entry.Begin} bytes, expected {bytes.Length}");
+        stream.Position = dataStart + entry.Begin;
+        foreach (var (offset, length) in bytes.Pieces(PieceBytes)) stream.ReadExactly(bytes.Span(offset, length));
+    }
+
+    static ScalarType ScalarTypeOf(TensorEntry entry, string path) => entry.DType switch
+    {
+        "F32" => ScalarType.Float32,
+        "I64" => ScalarType.Int64,
+        _ => throw new CheckpointException($"checkpoint '{path}' tensor '{entry.Name}' has unsupported dtype {entry.DType}"),
+    };
 
     static string DTypeName(ScalarType type) => type switch
     {
