@@ -84,7 +84,8 @@ public class CollectiveTests
             await Task.WhenAll(world.Groups.Select((g, r) => Task.WhenAll(buffers[r].Select(b => g.AllReduceAsync(b, ReduceOp.Mean)))));
             for (int k = 0; k < lengths.Length; k++)
             {
-                var expected = Enumerable.Range(0, lengths[k]).Select(i => Enumerable.Range(0, n).Sum(r => (double)Data(r + 10 * k, lengths[k])[i]) / n).ToArray();
+                var inputs = Enumerable.Range(0, n).Select(r => Data(r + 10 * k, lengths[k])).ToArray();
+                var expected = Enumerable.Range(0, lengths[k]).Select(i => inputs.Sum(x => (double)x[i]) / n).ToArray();
                 for (int r = 0; r < n; r++)
                 {
                     Assert.Equal(buffers[0][k], buffers[r][k]);
