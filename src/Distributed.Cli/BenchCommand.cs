@@ -34,7 +34,7 @@ static class BenchCommand
         var allReduce = new Command("allreduce", "our ring all-reduce between real processes on loopback: 4 B to 64 MiB of float32")
             { ranks, iters, transport, sizes, rank, rendezvous };
         // Where the one-shot algorithm hands over to the ring; the bench that chose the default sets it (bench/allreduce-algorithms).
-        var oneShotMax = new Option<long>("--one-shot-max-bytes") { DefaultValueFactory = _ => new CollectiveOptions().OneShotMaxBytes };
+        var oneShotMax = new Option<long?>("--one-shot-max-bytes");
         allReduce.Add(oneShotMax);
         allReduce.SetAction((parse, ct) => AllReduceAsync(parse.GetValue(ranks), parse.GetValue(iters), parse.GetValue(transport)!,
             ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(oneShotMax), parse.GetValue(rank), parse.GetValue(rendezvous), ct));
@@ -75,7 +75,7 @@ static class BenchCommand
     /// Rank 0 starts ranks 1..n-1 as processes; they meet through endpoint files in a temporary directory. Each size
     /// is timed like the peers time theirs: a barrier, one all-reduce, the slowest rank's time; the median is reported.
     /// </summary>
-    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, long oneShotMaxBytes, int rank, string? rendezvous,
+    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, long? oneShotMaxBytes, int rank, string? rendezvous,
         CancellationToken ct)
     {
         var kind = TransportKinds.Parse(transport);
@@ -85,9 +85,10 @@ static class BenchCommand
             rendezvous = Directory.CreateTempSubdirectory("dtrain-allreduce-").FullName;
             for (int r = 1; r < n; r++)
             {
-                children.Add(Process.Start(SelfProcess.StartInfo("bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}",
-                    "--transport", transport, "--sizes", string.Join(',', sizes), "--one-shot-max-bytes", $"{oneShotMaxBytes}",
-                    "--rank", $"{r}", "--rendezvous", rendezvous))!);
+                string[] child = ["bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}", "--transport", transport,
+                    "--sizes", string.Join(',', sizes), "--rank", $"{r}", "--rendezvous", rendezvous,
+                    .. (oneShotMaxBytes is { } limit ? new[] { "--one-shot-max-bytes", $"{limit}" } : [])];
+                children.Add(Process.Start(SelfProcess.StartInfo(child))!);
             }
         }
         try

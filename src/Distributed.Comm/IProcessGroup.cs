@@ -38,10 +38,14 @@ public sealed record CollectiveOptions
 
     /// <summary>
     /// All-reduces of at most this many bytes take the one-shot algorithm (one message latency; every member receives
-    /// n-1 whole buffers), larger ones the pipelined ring (2(n-1) latencies; 2(n-1)/n of the buffer). Measured by
-    /// bench/allreduce: see README, "Small messages".
+    /// n-1 whole buffers), larger ones the pipelined ring (2(n-1) latencies; 2(n-1)/n of the buffer). Null: the
+    /// crossover bench/allreduce-algorithms measured on shared memory, which depends on the member count (README,
+    /// "Data plane").
     /// </summary>
-    public long OneShotMaxBytes { get; init; } = 256 << 10;
+    public long? OneShotMaxBytes { get; init; }
+
+    /// <summary>The one-shot limit for a group of <paramref name="members"/>.</summary>
+    public long OneShotLimit(int members) => OneShotMaxBytes ?? (members <= 2 ? 16 << 10 : 256 << 10);
 
     public Kernels.IReductionKernels Kernels { get; init; } = Comm.Kernels.ReductionKernels.Default;
 

@@ -7,7 +7,7 @@ namespace Distributed.Comm;
 
 /// <summary>
 /// Collectives over <see cref="PeerLinks"/>. All-reduce picks its algorithm by size, as MPI and NCCL do: up to
-/// <see cref="CollectiveOptions.OneShotMaxBytes"/> one-shot (every member sends its whole buffer to every other and
+/// <see cref="CollectiveOptions.OneShotLimit"/> one-shot (every member sends its whole buffer to every other and
 /// each sums them in rank order: one message latency), above it the ring: reduce-scatter then all-gather (each
 /// rank sends 2(n-1)/n of the buffer), cut into chunks that are pipelined: chunk c of ring step t+1 goes out as soon
 /// as chunk c of step t has arrived and been reduced, so sending, receiving and reducing overlap. Both leave every
@@ -49,7 +49,7 @@ public sealed class ProcessGroup : IProcessGroup
     public Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default)
     {
         int n = Size;
-        if ((long)data.Length * sizeof(float) <= _options.OneShotMaxBytes && _options.Compression == Compression.None)
+        if ((long)data.Length * sizeof(float) <= _options.OneShotLimit(n) && _options.Compression == Compression.None)
             return OneShotAllReduce(data, op, cancellationToken);
         var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
         var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n)).ToList();
