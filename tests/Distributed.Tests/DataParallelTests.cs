@@ -66,7 +66,7 @@ public class DataParallelTests
     {
         // 3 ranks, 128 wide: buckets of about 0.3 MB take the ring; the last one (the embeddings, 41 KB) takes the
         // one-shot (up to 256 KiB for more than 2 ranks).
-        string[] buckets = ["model.n-embd=128", "model.n-head=4", "cluster.bucket-mb=0.3", "checkpoint.every=1000", "train.max-iters=12"];
+        string[] buckets = ["model.n-embd=128", "model.n-head=4", "cluster.bucket-mb=0.3", "train.batch-size=6", "train.grad-accum=2", "checkpoint.every=1000", "train.max-iters=12"];
         var runs = new (string Transport, bool Overlap)[] { ("shm", false), ("shm", true), ("tcp", true), ("grpc", true) };
         var directories = new List<string>();
         foreach (var (transport, overlap) in runs)
