@@ -162,8 +162,8 @@ public sealed class ProcessGroup : IProcessGroup
             data.Span.CopyTo(own);
             var sends = new List<Task>(n - 1);
             for (int m = 0; m < n; m++)
-                if (m != Rank) sends.Add(Guard(SendFloats(m, opId, own.AsMemory(0, data.Length), failed.Token)));
-            var reducing = Guard(ReduceInRankOrder());
+                if (m != Rank) sends.Add(CancelOthersOnFailure(SendChunks(m, opId, AsBytes(own.AsMemory(0, data.Length)), failed.Token), failed));
+            var reducing = CancelOthersOnFailure(ReduceInRankOrder(), failed);
             await Task.WhenAll(sends.Append(reducing)).ConfigureAwait(false);
         }
         catch (PeerFailedException e)
@@ -197,22 +197,6 @@ public sealed class ProcessGroup : IProcessGroup
                 }
                 if (op == ReduceOp.Mean) kernels.Scale(data.Span.Slice(start, length), 1f / n);
             }
-        }
-
-        async Task SendFloats(int member, long op, Memory<float> values, CancellationToken token)
-        {
-            for (int c = 0; c < chunks; c++)
-            {
-                int start = c * chunkFloats, length = Math.Min(chunkFloats, values.Length - start);
-                await _links.SendAsync(_members[member], Header(op, c, (long)start * sizeof(float)), AsBytes(values.Slice(start, length)), _options.Timeout, token)
-                    .ConfigureAwait(false);
-            }
-        }
-
-        async Task Guard(Task task)
-        {
-            try { await task.ConfigureAwait(false); }
-            catch { failed.Cancel(); throw; }   // one side failing stops the others at once
         }
     }
 
@@ -328,7 +312,7 @@ public sealed class ProcessGroup : IProcessGroup
         var receiving = ReceiveLoop();
         try
         {
-            await Task.WhenAll(Guard(sending), Guard(receiving)).ConfigureAwait(false);
+            await Task.WhenAll(CancelOthersOnFailure(sending, failed), CancelOthersOnFailure(receiving, failed)).ConfigureAwait(false);
         }
         catch (PeerFailedException e)
         {
@@ -336,11 +320,14 @@ public sealed class ProcessGroup : IProcessGroup
             throw;
         }
 
-        async Task Guard(Task task)
-        {
-            try { await task.ConfigureAwait(false); }
-            catch { failed.Cancel(); throw; }   // one side failing stops the other at once
-        }
+
+    }
+
+    /// <summary>One part of a collective failing stops its other parts at once, instead of at their deadlines.</summary>
+    static async Task CancelOthersOnFailure(Task part, CancellationTokenSource failed)
+    {
+        try { await part.ConfigureAwait(false); }
+        catch { failed.Cancel(); throw; }
     }
 
     ValueTask<ReceivedChunk> Receive(int sourceMember, long op, int seq, CancellationToken cancellationToken) =>

@@ -18,13 +18,14 @@ public sealed class ParameterUse
 
     public Tensor this[Tensor parameter] => Hook is null ? parameter : Hook(parameter);
 
-    public Tensor? this[Tensor? parameter, bool optional] => parameter is null ? null : this[parameter];
+    /// <summary>A parameter a layer may lack (a bias when model.bias is off).</summary>
+    public Tensor? Optional(Tensor? parameter) => parameter is null ? null : this[parameter];
 
     /// <summary>y = x W^T + b with both parameters passed through the hook.</summary>
-    public Tensor Linear(Linear layer, Tensor x) => F.linear(x, this[layer.weight!], this[layer.bias, optional: true]);
+    public Tensor Linear(Linear layer, Tensor x) => F.linear(x, this[layer.weight!], Optional(layer.bias));
 
     public Tensor LayerNorm(LayerNorm layer, Tensor x) =>
-        F.layer_norm(x, [x.shape[^1]], this[layer.weight, optional: true], this[layer.bias, optional: true]);
+        F.layer_norm(x, [x.shape[^1]], Optional(layer.weight), Optional(layer.bias));
 
     /// <summary>Rows of an embedding table (the lookup nn.Embedding does, written with the table passed through the hook).</summary>
     public Tensor Embedding(Embedding table, Tensor ids)

@@ -72,7 +72,7 @@ sealed class GradientBuckets : IDisposable
     {
         long total = members.Sum(i => parameters[i].NumberOfElements) + extra;
         var flat = zeros(checked((int)total), dtype: ScalarType.Float32).DetachFromDisposeScope();
-        var memory = new NativeMemory<float>(Pointer(flat), (int)total);
+        var memory = new NativeMemory<float>(Pointer(flat), (int)total, owner: flat);
         long offset = 0;
         foreach (int i in members)
         {
@@ -92,8 +92,6 @@ sealed class GradientBuckets : IDisposable
 
     /// <summary>Bytes all-reduced per step.</summary>
     public long Bytes { get; }
-
-    public int Count => _buckets.Count;
 
     /// <summary>Clears the gradients for a new step (in place: <c>.grad</c> stays a view of its bucket).</summary>
     public void ZeroGradients()

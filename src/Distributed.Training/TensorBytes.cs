@@ -65,7 +65,7 @@ public readonly unsafe struct TensorBytes
     public Memory<byte> Memory(long offset, int length)
     {
         Check(offset, length);
-        return new NativeMemory(_owner!, _start + offset, length).Memory;
+        return new Comm.NativeMemory<byte>(_start + offset, length, _owner).Memory;
     }
 
     /// <summary>Offsets and lengths that cover these bytes in order, each at most <paramref name="pieceBytes"/>.</summary>
@@ -84,18 +84,5 @@ public readonly unsafe struct TensorBytes
     {
         if (offset < 0 || length < 0 || offset > Length - length)
             throw new ArgumentOutOfRangeException(nameof(offset), $"bytes [{offset}, {offset + length}) are outside the tensor's {Length}");
-    }
-
-    /// <summary>Memory over native bytes; holds the owning tensor so it outlives every use of the Memory.</summary>
-    sealed class NativeMemory(Tensor owner, byte* start, int length) : MemoryManager<byte>
-    {
-        public override Span<byte> GetSpan() => new(start, length);
-
-        // Native memory never moves: nothing to pin.
-        public override MemoryHandle Pin(int elementIndex = 0) => new(start + elementIndex, pinnable: this);
-
-        public override void Unpin() => GC.KeepAlive(owner);
-
-        protected override void Dispose(bool disposing) { }
     }
 }
