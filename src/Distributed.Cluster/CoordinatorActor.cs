@@ -144,7 +144,10 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     {
         var commits = _state.CommitsNewestFirst().ToList();
         string checkpoints = CheckpointsDirectory;
-        Task.Run(() => ChooseResumePoint(commits, checkpoints)).PipeTo(Self);
+        // Queued behind the file work: a manifest or retention still being written must not race the choice (or its manifest).
+        var choice = _fileWork.ContinueWith(_ => ChooseResumePoint(commits, checkpoints), TaskScheduler.Default);
+        _fileWork = choice;
+        choice.PipeTo(Self, failure: e => new ResumePointChosen(null, 0, $"choosing the checkpoint to resume from failed: {e.Message}"));
         Become(() =>
         {
             Common();
