@@ -44,11 +44,16 @@ public sealed record JobSpec(
     DataSpec Data, ModelSpec Model, OptimizerSpec Optimizer, TrainSpec Train, CheckpointSpec Checkpoint, ClusterSpec Cluster,
     PersistenceSpec Persistence, RecoverySpec Recovery)
 {
+    /// <summary>Model-parallel degrees (a property with a default: job specs stored before it existed read as tp = pp = 1).</summary>
+    public ParallelSpec Parallel { get; init; } = ParallelSpec.None;
+
     /// <summary>Checks the relations between keys that one key alone cannot check.</summary>
     public void Validate()
     {
         if (Model.Embedding % Model.Heads != 0)
             throw new ConfigException($"config key 'model.n-embd' ({Model.Embedding}) must be divisible by 'model.n-head' ({Model.Heads})");
+        if (Parallel.Tp < 1 || Parallel.Pp < 1)
+            throw new ConfigException($"config keys 'parallel.tp' ({Parallel.Tp}) and 'parallel.pp' ({Parallel.Pp}) must be 1 or more");
         if (Train.BatchSize % Train.GradAccum != 0)
             throw new ConfigException($"config key 'train.batch-size' ({Train.BatchSize}) must be divisible by 'train.grad-accum' ({Train.GradAccum})");
         if (Cluster.Transport is not ("shm" or "tcp" or "grpc"))

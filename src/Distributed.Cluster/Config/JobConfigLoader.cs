@@ -58,6 +58,8 @@ public static class JobConfigLoader
         new("cluster.compression", Kind.String, "none"),
         new("cluster.kernels", Kind.String, "auto"),
         new("cluster.overlap", Kind.Bool, "true"),
+        new("parallel.tp", Kind.Int, "1", 1, 1024),
+        new("parallel.pp", Kind.Int, "1", 1, 1024),
         new("persistence.provider", Kind.String, "sqlite"),
         new("persistence.connection-string", Kind.String, ""),
         new("persistence.snapshot-every", Kind.Int, "20", 1, int.MaxValue),
@@ -126,7 +128,10 @@ public static class JobConfigLoader
             Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout"), S("cluster.compression"),
                 S("cluster.kernels"), B("cluster.overlap")),
             Persistence: new PersistenceSpec(S("persistence.provider"), Raw("persistence.connection-string"), I("persistence.snapshot-every")),
-            Recovery: new RecoverySpec(I("recovery.max-restarts")));
+            Recovery: new RecoverySpec(I("recovery.max-restarts")))
+        {
+            Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp")),
+        };
         spec.Validate();
         return spec;
     }
@@ -147,6 +152,7 @@ public static class JobConfigLoader
             $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}",
             $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)}, " +
             $"kernels = {Q(spec.Cluster.Kernels)}, overlap = {(spec.Cluster.Overlap ? "true" : "false")} }}",
+            $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
             $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}") + "\n";
     }
