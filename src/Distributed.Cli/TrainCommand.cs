@@ -89,7 +89,7 @@ static class TrainCommand
         {
             using var trainer = new Trainer(spec, logger, from);
             logger.LogInformation("{Name}: {Params:N0} parameters, vocabulary {Vocab}, {Threads} threads, run directory {Dir}",
-                spec.Name, trainer.Model.parameters().Sum(p => p.numel()), trainer.Tokenizer.Size,
+                spec.Name, trainer.Model.Parameters.Sum(p => p.Tensor.numel()), trainer.Tokenizer.Size,
                 TorchSharp.torch.get_num_threads(), spec.RunDir);
             long startStep = trainer.Step;
             result = ProgressDisplay.Run(spec, logger, observer => trainer.Run(observer, stopAt, cancellationToken));

@@ -123,15 +123,20 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             try
             {
                 faults.Attach(links);
-                var members = Enumerable.Range(0, assignment.Endpoints.Count).ToArray();
+                var layout = ParallelLayout.For(spec, assignment.Endpoints.Count);
                 var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds), Kernels = kernels };
-                var dataParallel = new ProcessGroup(links, groupId: 0, members, options);
+                ProcessGroup GroupAlong(ParallelAxis axis, CollectiveOptions? with = null, int? id = null) =>
+                    new(links, id ?? ParallelLayout.GroupId(axis), layout.Group(axis, rank), with ?? options);
+                var dataParallel = GroupAlong(ParallelAxis.Data);
                 // Compressed gradients get a group of their own, so weights, losses and evaluations stay exact.
                 var gradients = spec.Cluster.Compression == "bf16"
-                    ? new ProcessGroup(links, groupId: 1, members, options with { Compression = Compression.BFloat16 })
+                    ? GroupAlong(ParallelAxis.Data, options with { Compression = Compression.BFloat16 }, ParallelLayout.CompressedDataGroupId)
                     : dataParallel;
+                var groups = new TrainerGroups(layout, rank, dataParallel, gradients, GroupAlong(ParallelAxis.Tensor));
+                logger.LogInformation("Rank {Rank} is at {Coordinates} of {Layout}: TP group [{Tensor}], DP group [{Data}]", rank, groups.Coordinates, layout,
+                    string.Join(", ", layout.Group(ParallelAxis.Tensor, rank)), string.Join(", ", layout.Group(ParallelAxis.Data, rank)));
                 var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
-                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, dataParallel, gradients, writer);
+                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
                 trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));
             }

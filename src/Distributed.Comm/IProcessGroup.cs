@@ -1,6 +1,6 @@
 namespace Distributed.Comm;
 
-public enum ReduceOp { Sum, Mean }
+public enum ReduceOp { Sum, Mean, Max }
 
 /// <summary>How reductions travel: exact float32, or bfloat16 (half the bytes; about 3 significant digits).</summary>
 public enum Compression { None, BFloat16 }

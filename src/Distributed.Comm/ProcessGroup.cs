@@ -54,7 +54,7 @@ public sealed class ProcessGroup : IProcessGroup
         var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
         var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n)).ToList();
         return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
-            compressed: _options.Compression == Compression.BFloat16);
+            compressed: _options.Compression == Compression.BFloat16, reduce: op);
     }
 
     public async Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken cancellationToken = default)
@@ -65,7 +65,7 @@ public sealed class ProcessGroup : IProcessGroup
             throw new ArgumentException($"reduce-scatter output has {output.Length} elements, rank {Rank}'s segment has {segments[Rank].Length}");
         var work = input.ToArray();   // the ring reduces in place; the caller's input stays as it was
         await RunRing("reduce-scatter", work, segments, ReduceScatterSteps(n).ToList(), op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
-            compressed: _options.Compression == Compression.BFloat16).ConfigureAwait(false);
+            compressed: _options.Compression == Compression.BFloat16, reduce: op).ConfigureAwait(false);
         work.AsMemory(segments[Rank].Start, segments[Rank].Length).CopyTo(output);
     }
 
@@ -185,7 +185,7 @@ public sealed class ProcessGroup : IProcessGroup
                 {
                     if (m == Rank)
                     {
-                        if (m > 0) kernels.Accumulate(data.Span.Slice(start, length), own.AsSpan(start, length));
+                        if (m > 0) Combine(op, data.Span.Slice(start, length), own.AsSpan(start, length));
                         continue;   // rank 0's buffer already holds x0
                     }
                     using var chunk = await Receive(m, opId, c, failed.Token).ConfigureAwait(false);
@@ -193,11 +193,18 @@ public sealed class ProcessGroup : IProcessGroup
                         throw new InvalidDataException($"all-reduce: rank {m} sent {chunk.Payload.Length} bytes for a chunk of {length * sizeof(float)}; do all ranks pass buffers of the same size?");
                     var incoming = MemoryMarshal.Cast<byte, float>(chunk.Payload.Span);
                     if (m == 0) incoming.CopyTo(data.Span.Slice(start, length));
-                    else kernels.Accumulate(data.Span.Slice(start, length), incoming);
+                    else Combine(op, data.Span.Slice(start, length), incoming);
                 }
                 if (op == ReduceOp.Mean) kernels.Scale(data.Span.Slice(start, length), 1f / n);
             }
         }
+    }
+
+    /// <summary>accumulator = accumulator (op) chunk: a sum on the reduction kernels (a mean is scaled afterwards), or the element-wise maximum.</summary>
+    void Combine(ReduceOp op, Span<float> accumulator, ReadOnlySpan<float> chunk)
+    {
+        if (op == ReduceOp.Max) System.Numerics.Tensors.TensorPrimitives.Max(accumulator, chunk, accumulator);
+        else _options.Kernels.Accumulate(accumulator, chunk);
     }
 
     /// <summary>One ring step: send segment Send to the right neighbour, receive segment Receive from the left.</summary>
@@ -224,7 +231,7 @@ public sealed class ProcessGroup : IProcessGroup
     /// send chunk c of step t+1 once the receiver has finished chunk c of step t: one credit per finished chunk.
     /// </summary>
     async Task RunRing(string name, Memory<float> data, (int Start, int Length)[] segments, List<RingStep> steps, int scaleAfterStep,
-        CancellationToken cancellationToken, bool compressed = false)
+        CancellationToken cancellationToken, bool compressed = false, ReduceOp reduce = ReduceOp.Sum)
     {
         long op = _nextOp++;
         int n = Size;
@@ -296,7 +303,7 @@ public sealed class ProcessGroup : IProcessGroup
                                 incoming = widened.AsSpan(0, length);
                             }
                             else incoming = MemoryMarshal.Cast<byte, float>(chunk.Payload.Span);
-                            if (steps[t].Reduce) kernels.Accumulate(target, incoming);
+                            if (steps[t].Reduce) Combine(reduce, target, incoming);
                             else incoming.CopyTo(target);
                             if (t == scaleAfterStep) kernels.Scale(target, scale);
                             if (compressed && t == lastReduceStep) RoundToBFloat16(kernels, target);

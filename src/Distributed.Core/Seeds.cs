@@ -6,7 +6,8 @@ namespace Distributed.Core;
 /// </summary>
 public static class Seeds
 {
-    public const ulong TrainStream = 1, ValidationStream = 2, DropoutStream = 3, EvalStream = 4, FaultStream = 5;
+    public const ulong TrainStream = 1, ValidationStream = 2, DropoutStream = 3, EvalStream = 4, FaultStream = 5,
+        TensorParallelDropoutStream = 6;
 
     /// <summary>SplitMix64's finaliser: a bijection with good avalanche.</summary>
     public static ulong Mix(ulong x)

@@ -115,7 +115,7 @@ public sealed class Block : Module<Tensor, Tensor>
 /// nanoGPT's GPT: token and learned position embeddings, pre-norm blocks, final LayerNorm, and an LM head tied
 /// to the token embedding. Parameter names follow nanoGPT (wte, wpe, h.N..., ln_f) so checkpoints read alike.
 /// </summary>
-public sealed class Gpt : Module<Tensor, Tensor>
+public sealed class Gpt : Module<Tensor, Tensor>, ILanguageModel
 {
     readonly Embedding wte, wpe;
     readonly ModuleList<Block> h;
@@ -141,6 +141,12 @@ public sealed class Gpt : Module<Tensor, Tensor>
 
     public ModelSpec Spec { get; }
     public int VocabSize { get; }
+    public nn.Module Module => this;
+
+    public IReadOnlyList<ModelParameter> Parameters => named_parameters().Select(p => new ModelParameter(p.name, p.parameter, null)).ToList();
+
+    /// <summary>One process: every dropout draws from torch's global generator.</summary>
+    public void SeedDropout(long shared, long tensorParallel) => manual_seed(shared);
 
     /// <summary>Every parameter use of forward goes through this (identity unless a trainer hooks it).</summary>
     public ParameterUse Use { get; } = new();

@@ -45,12 +45,12 @@ sealed class GradientBuckets : IDisposable
 
     /// <param name="gradients">the group gradients are averaged over</param>
     /// <param name="exact">the group the loss is averaged over when <paramref name="gradients"/> compresses</param>
-    public GradientBuckets(Gpt model, IProcessGroup gradients, IProcessGroup exact, long bucketBytes, bool overlap)
+    public GradientBuckets(ILanguageModel model, IProcessGroup gradients, IProcessGroup exact, long bucketBytes, bool overlap)
     {
         _gradients = gradients;
         _exact = exact;
         _overlap = overlap;
-        var parameters = model.parameters().ToArray();
+        var parameters = model.Parameters.Select(p => (Tensor)p.Tensor).ToArray();
         _views = new Tensor[parameters.Length];
         _bucketOf = new int[parameters.Length];
         for (int i = 0; i < parameters.Length; i++) _indexByData[DataPointer(parameters[i])] = i;

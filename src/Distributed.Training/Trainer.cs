@@ -4,6 +4,7 @@ using System.Text.Json;
 using Distributed.Comm;
 using Distributed.Core;
 using Distributed.Model;
+using Distributed.Model.Parallel;
 using Distributed.Training.Checkpoints;
 using Distributed.Training.Data;
 using Distributed.Training.Optim;
@@ -16,8 +17,10 @@ namespace Distributed.Training;
 /// <summary>
 /// The training loop (nanoGPT's train.py): sample, forward, backward, clip, AdamW, evaluate, checkpoint. Everything
 /// it does is a pure function of the job spec and the step, so a resumed run equals an uninterrupted one bit for bit.
-/// With a data-parallel group, each rank draws its slice of the global batch, gradients are averaged over the group
-/// in buckets, and every rank then clips by the same norm and takes the same step; rank 0 writes files.
+/// In a layout (<see cref="TrainerGroups"/>), each data-parallel rank draws its slice of the global batch and
+/// gradients are averaged over the data-parallel group in buckets; with tp > 1 the model is a
+/// <see cref="ParallelGpt"/> whose layers communicate over the tensor-parallel group themselves. Every rank then
+/// clips by the same global norm and takes the same step; global rank 0 writes the metrics.
 /// </summary>
 public sealed class Trainer : IDisposable
 {
@@ -29,25 +32,27 @@ public sealed class Trainer : IDisposable
     readonly BatchSampler _trainSampler, _trainEvalSampler, _valSampler;
     readonly AdamW _optimizer;
     readonly IProcessGroup? _dataParallel, _gradients;
+    readonly TrainerGroups? _groups;
+    readonly TensorParallelGroup? _tensorParallel;
     readonly ShardWriter _checkpoints;
     readonly LocalCommit? _localCommit;
     readonly GradientBuckets? _buckets;
     CancellationToken _cancellation;
 
-    /// <param name="dataParallel">the data-parallel group (exact float32 collectives)</param>
-    /// <param name="gradients">the group gradients are averaged over; defaults to <paramref name="dataParallel"/> (a compressed one may be given)</param>
+    /// <param name="groups">this rank's layout and process groups; none for the plain single process</param>
     /// <param name="checkpoints">writes this rank's checkpoint shards and reports them to the commit; a single process commits its own</param>
-    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, IProcessGroup? dataParallel = null, IProcessGroup? gradients = null,
-        ShardWriter? checkpoints = null)
+    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, TrainerGroups? groups = null, ShardWriter? checkpoints = null)
     {
         _spec = spec;
         _logger = logger;
-        _dataParallel = dataParallel;
-        _gradients = gradients ?? dataParallel;
+        _groups = groups;
+        _dataParallel = groups?.Data;
+        _gradients = groups?.Gradients;
+        if (groups is { Tensor.Size: > 1 }) _tensorParallel = new TensorParallelGroup(groups.Tensor);
         spec.ValidateDataParallel(DataParallelSize);
         if (checkpoints is null)
         {
-            if (DataParallelSize > 1) throw new ArgumentException("a data-parallel trainer needs a checkpoint commit that collects every rank's shard", nameof(checkpoints));
+            if (WorldSize > 1) throw new ArgumentException("a parallel trainer needs a checkpoint commit that collects every rank's shard", nameof(checkpoints));
             _localCommit = new LocalCommit(CheckpointDirectory, spec.Checkpoint.Keep, spec);
             checkpoints = new ShardWriter(_localCommit);
         }
@@ -65,8 +70,10 @@ public sealed class Trainer : IDisposable
             // Evaluation draws its own windows: not the ones training steps 0..eval-iters saw.
             _trainEvalSampler = new BatchSampler(_corpus.Train, spec.Model.BlockSize, spec.Seed, Seeds.EvalStream);
             _valSampler = new BatchSampler(_corpus.Validation, spec.Model.BlockSize, spec.Seed, Seeds.ValidationStream);
-            Model = new Gpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed);
-            _optimizer = new AdamW(Model.named_parameters(), spec.Optimizer);
+            Model = _tensorParallel is null
+                ? new Gpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed)
+                : new ParallelGpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed, _tensorParallel);
+            _optimizer = new AdamW(Model.Parameters.Select(p => (p.Name, p.Tensor)), spec.Optimizer);
             if (checkpoint is not null)
             {
                 loading.Restart();
@@ -75,7 +82,7 @@ public sealed class Trainer : IDisposable
                     checkpoint.Path, Step, verifying.TotalMilliseconds, StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize),
                     loading.Elapsed.TotalMilliseconds);
             }
-            if (_dataParallel is not null) SynchronizeWithRankZero();
+            if (_dataParallel is { Size: > 1 }) SynchronizeWithRankZero();
             // A group of one has nothing to average: it trains exactly as the plain loop does.
             if (_dataParallel is { Size: > 1 })
             {
@@ -88,12 +95,15 @@ public sealed class Trainer : IDisposable
         }
     }
 
-    public Gpt Model { get; }
+    public ILanguageModel Model { get; }
     public int DataParallelRank => _dataParallel?.Rank ?? 0;
     public int DataParallelSize => _dataParallel?.Size ?? 1;
+    public int TensorParallelRank => _tensorParallel?.Rank ?? 0;
+    public int Rank => _groups?.Rank ?? 0;
+    public int WorldSize => _groups?.Layout.World ?? 1;
 
-    /// <summary>The rank that writes metrics and checkpoints.</summary>
-    public bool IsLeader => DataParallelRank == 0;
+    /// <summary>The rank that writes metrics and evaluations (every rank writes its checkpoint shard).</summary>
+    public bool IsLeader => Rank == 0;
     public CharTokenizer Tokenizer => _corpus.Tokenizer;
     public AdamW Optimizer => _optimizer;
 
@@ -153,14 +163,17 @@ public sealed class Trainer : IDisposable
     {
         var clock = Stopwatch.StartNew();
         using var scope = NewDisposeScope();
-        Model.train();
-        // Dropout masks are a pure function of (seed, step, rank), so a resumed run draws the same ones.
-        torch.manual_seed((long)(Seeds.Derive(_spec.Seed, Seeds.DropoutStream, Step, DataParallelRank) >> 1));
+        Model.Module.train();
+        // Dropout masks are a pure function of (seed, step, coordinates), so a resumed run draws the same ones: replicated
+        // regions by the data-parallel rank (alike on every TP rank), TP-split regions by the TP rank too.
+        Model.SeedDropout((long)(Seeds.Derive(_spec.Seed, Seeds.DropoutStream, Step, DataParallelRank) >> 1),
+            (long)(Seeds.Derive(_spec.Seed, Seeds.TensorParallelDropoutStream, Step, ((long)DataParallelRank << 32) | (uint)TensorParallelRank) >> 1));
         double learningRate = LearningRateSchedule.At(_spec.Optimizer, Step);
         int accum = _spec.Train.GradAccum;
         double loss = 0;
         // One deadline for the step's gradient collectives, which may start while backward runs.
         using var deadline = CollectiveDeadline();
+        if (_tensorParallel is not null) _tensorParallel.Cancellation = deadline.Token;
         for (int micro = 0; micro < accum; micro++)
         {
             var (first, count) = BatchSampler.Slice(_spec.Train.BatchSize, DataParallelRank, DataParallelSize, micro, accum);
@@ -170,6 +183,7 @@ public sealed class Trainer : IDisposable
             loss += microLoss.item<float>();
             if (micro == accum - 1) _buckets?.SetLoss(loss);
             microLoss.backward();
+            _tensorParallel?.ThrowIfFailed();
         }
         double computeMs = clock.Elapsed.TotalMilliseconds;
         double allReduceMs = 0;
@@ -183,10 +197,10 @@ public sealed class Trainer : IDisposable
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }
-        double gradNorm = GradientClipping.ClipByGlobalNorm(Model.parameters(), _spec.Optimizer.GradClip);
+        double gradNorm = ClipGradients(deadline.Token);
         _optimizer.Step(learningRate);
         if (_buckets is not null) _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
-        else Model.zero_grad();
+        else Model.Module.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
         var result = new StepMetrics(Step + 1, loss, learningRate, gradNorm,
             _spec.Train.BatchSize * _spec.Model.BlockSize / (ms / 1000.0), ms, computeMs, allReduceMs, allReduceBytes);
@@ -195,12 +209,33 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>
+    /// Clips by the global gradient norm. Under tensor parallelism every parameter counts once: each rank adds its
+    /// slices, TP rank 0 adds the replicated parameters (identical on every TP rank), and the squared sum is
+    /// all-reduced over the TP group, so every rank clips by the same norm.
+    /// </summary>
+    double ClipGradients(CancellationToken deadline)
+    {
+        var all = Model.Parameters.Select(p => (Tensor)p.Tensor).ToList();
+        if (_tensorParallel is not { } tp) return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip);
+        var counted = Model.Parameters.Where(p => !p.IsReplicated || tp.Rank == 0).Select(p => (Tensor)p.Tensor);
+        double Reduce(double squared)
+        {
+            var sum = new[] { (float)squared };
+            Wait(tp.Group.AllReduceAsync(sum, ReduceOp.Sum, deadline));
+            return sum[0];
+        }
+        return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip, Reduce, counted);
+    }
+
+    /// <summary>
     /// Mean loss over eval-iters fixed batches of each split (the same batches at every evaluation). Data-parallel
     /// ranks share the batches out and sum their losses.
     /// </summary>
     public EvalResult Evaluate()
     {
-        Model.eval();
+        Model.Module.eval();
+        using var deadline = CollectiveDeadline(Math.Max(1, _spec.Train.EvalIters * 2 * (3 + 2 * _spec.Model.Layers)));
+        if (_tensorParallel is not null) _tensorParallel.Cancellation = deadline.Token;
         double Sum(BatchSampler sampler)
         {
             using var noGrad = no_grad();
@@ -215,7 +250,7 @@ public sealed class Trainer : IDisposable
         }
         var sums = new[] { (float)Sum(_trainEvalSampler), (float)Sum(_valSampler) };
         if (_dataParallel is not null) Collective(ct => _dataParallel.AllReduceAsync(sums, ReduceOp.Sum, ct));
-        Model.train();
+        Model.Module.train();
         return new EvalResult(Step, sums[0] / _spec.Train.EvalIters, sums[1] / _spec.Train.EvalIters);
     }
 
@@ -240,8 +275,8 @@ public sealed class Trainer : IDisposable
     static void Wait(Task task) => task.GetAwaiter().GetResult();
 
     /// <summary>
-    /// Makes every rank start from rank 0's state (weights, optimizer moments and step counters, as DDP broadcasts
-    /// its module), tensor by tensor in pieces straight between the tensors' memory, then checks by SHA-256 that
+    /// Makes every data-parallel rank start from DP rank 0's state (weights, optimizer moments and step counters, as DDP broadcasts
+    /// its module; under TP each TP rank's DP group broadcasts its slices), tensor by tensor in pieces straight between the tensors' memory, then checks by SHA-256 that
     /// they really are identical.
     /// </summary>
     void SynchronizeWithRankZero()
@@ -265,14 +300,19 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>Everything needed to continue: weights, moments, step, and what makes the data order reproducible.</summary>
-    public IReadOnlyList<(string Name, Tensor Tensor)> StateTensors()
+    /// <summary>
+    /// This rank's part of the state under global names: its slices of sharded parameters and their moments (which
+    /// have the parameter's slice), and the replicated ones.
+    /// </summary>
+    public IReadOnlyList<StateEntry> StateTensors()
     {
-        var list = new List<(string, Tensor)>();
-        foreach (var (name, p) in Model.named_parameters()) list.Add(("model." + name, p));
+        var slices = Model.Parameters.ToDictionary(p => p.Name, p => p.Slice);
+        var list = new List<StateEntry>();
+        foreach (var p in Model.Parameters) list.Add(new StateEntry("model." + p.Name, p.Tensor, p.Slice));
         foreach (var (name, m, v) in _optimizer.State)
         {
-            list.Add(("optim.exp_avg." + name, m));
-            list.Add(("optim.exp_avg_sq." + name, v));
+            list.Add(new StateEntry("optim.exp_avg." + name, m, slices[name]));
+            list.Add(new StateEntry("optim.exp_avg_sq." + name, v, slices[name]));
         }
         return list;
     }
@@ -297,9 +337,11 @@ public sealed class Trainer : IDisposable
     public void BeginCheckpoint(bool copy = true)
     {
         var metadata = StateMetadata();
-        metadata["shard"] = $"{DataParallelRank}/{DataParallelSize}";
-        _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), DataParallelRank, DataParallelSize,
-            CheckpointFiles.ShardOf(StateTensors(), DataParallelRank, DataParallelSize), metadata, copy);
+        metadata["shard"] = $"{Rank}/{WorldSize}";
+        // Replicated tensors are written by TP rank 0 only; each DP group deals its TP rank's tensors between its ranks.
+        var mine = StateTensors().Where(e => e.Slice is not null || TensorParallelRank == 0).ToList();
+        _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), Rank, WorldSize,
+            CheckpointFiles.ShardOf(mine.Select(e => (e.Name, e.Tensor)).ToList() /*MERGE*/, DataParallelRank, DataParallelSize), metadata, copy);
     }
 
     /// <summary>Waits for the shard being written, if any.</summary>
@@ -314,7 +356,7 @@ public sealed class Trainer : IDisposable
     {
         if (checkpoint.Require("format") != CheckpointFormat)
             throw new CheckpointException($"checkpoint '{checkpoint.Path}' has format '{checkpoint.Metadata["format"]}', expected '{CheckpointFormat}'");
-        checkpoint.CopyInto(StateTensors());
+        checkpoint.CopyInto(StateTensors().Select(e => (e.Name, e.Tensor)) /*MERGE*/);
         Step = long.Parse(checkpoint.Require("step"), CultureInfo.InvariantCulture);
         _optimizer.StepCount = long.Parse(checkpoint.Require("optimizer_step"), CultureInfo.InvariantCulture);
     }

@@ -24,10 +24,13 @@ public static class GradientClipping
     }
 
     /// <summary>Scales gradients so their global norm is at most <paramref name="maxNorm"/>; returns the norm before clipping.</summary>
-    public static double ClipByGlobalNorm(IEnumerable<Tensor> parameters, double maxNorm, Func<double, double>? reduceSquaredNorm = null)
+    /// <param name="countedInNorm">the parameters whose gradients make up the norm (default: all): under tensor
+    /// parallelism a rank counts its slices and, on one rank only, the replicated parameters</param>
+    public static double ClipByGlobalNorm(IEnumerable<Tensor> parameters, double maxNorm, Func<double, double>? reduceSquaredNorm = null,
+        IEnumerable<Tensor>? countedInNorm = null)
     {
         var list = parameters.ToList();
-        double norm = GlobalNorm(list, reduceSquaredNorm);
+        double norm = GlobalNorm(countedInNorm ?? list, reduceSquaredNorm);
         if (maxNorm <= 0) return norm;
         double coefficient = maxNorm / (norm + 1e-6);
         if (coefficient < 1)

@@ -1,0 +1,145 @@
+using Distributed.Comm;
+using Distributed.Core;
+using Distributed.Model;
+using Distributed.Model.Parallel;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Distributed.Tests;
+
+/// <summary>
+/// The tensor-parallel model against the single-process one, with its ranks on threads of this process talking over
+/// real shared-memory links: the same loss, the same gradients (gathered from the slices), and exactly Megatron's
+/// communication. Whole jobs across worker processes are in the cluster tests.
+/// </summary>
+public class TensorParallelTests
+{
+    /// <summary>Records every all-reduce that crosses the group (op and floats), then forwards it.</summary>
+    sealed class Recording(IProcessGroup inner) : IProcessGroup
+    {
+        public List<(ReduceOp Op, int Floats)> AllReduces { get; } = [];
+        public int Rank => inner.Rank;
+        public int Size => inner.Size;
+        public Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default)
+        {
+            AllReduces.Add((op, data.Length));
+            return inner.AllReduceAsync(data, op, cancellationToken);
+        }
+        public Task BroadcastAsync(Memory<byte> data, int root, CancellationToken ct = default) => throw Unexpected();
+        public Task AllGatherAsync(ReadOnlyMemory<float> mine, Memory<float> all, CancellationToken ct = default) => throw Unexpected();
+        public Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken ct = default) => throw Unexpected();
+        public Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken ct = default) => throw Unexpected();
+        public Task ReceiveAsync(int source, Memory<byte> data, CancellationToken ct = default) => throw Unexpected();
+        public Task BarrierAsync(CancellationToken ct = default) => throw Unexpected();
+        static InvalidOperationException Unexpected() => new("only all-reduces may cross the tensor-parallel group");
+    }
+
+    static readonly ModelSpec Spec = new(Layers: 2, Heads: 4, Embedding: 32, BlockSize: 16, Dropout: 0, Bias: true);
+    const int Vocab = 65;   // the corpus's characters: tp=2 and tp=4 need padding
+    const long Seed = 7;
+
+    static (Tensor X, Tensor Y) Batch()
+    {
+        using var g = new Generator(11);
+        var x = randint(0, Vocab, [3, Spec.BlockSize], generator: g);
+        var y = randint(0, Vocab, [3, Spec.BlockSize], generator: g);
+        return (x, y);
+    }
+
+    /// <summary>Runs <paramref name="work"/> on tp ranks, each on its own thread, joined over shared memory.</summary>
+    static async Task<T[]> OnRanks<T>(int tp, Func<TensorParallelGroup, Recording, T> work)
+    {
+        var nodes = await Task.WhenAll(Enumerable.Range(0, tp).Select(_ => DataPlaneNode.StartAsync()));
+        var endpoints = nodes.Select(n => n.Endpoint).ToArray();
+        for (int r = 0; r < tp; r++) nodes[r].BeginGeneration(1, r);
+        var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
+        try
+        {
+            var tasks = links.Select(l => Task.Factory.StartNew(() =>
+            {
+                var recording = new Recording(new ProcessGroup(l, ParallelLayout.GroupId(ParallelAxis.Tensor), Enumerable.Range(0, tp).ToArray()));
+                var group = new TensorParallelGroup(recording) { Cancellation = new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token };
+                return work(group, recording);
+            }, TaskCreationOptions.LongRunning)).ToArray();
+            return await Task.WhenAll(tasks);
+        }
+        finally
+        {
+            foreach (var l in links) await l.DisposeAsync();
+            foreach (var n in nodes) await n.DisposeAsync();
+        }
+    }
+
+    /// <summary>A sliced tensor's part of the global one (padding rows dropped), to compare with the single process.</summary>
+    static Tensor Part(Tensor global, TensorSlice? slice) =>
+        slice is null ? global : cat(slice.Segments.Select(s => global.narrow(slice.Dim, s.Start, s.Length)).ToList(), slice.Dim);
+
+    static Tensor Held(Tensor local, TensorSlice? slice) => slice is null ? local : local.narrow(slice.Dim, 0, slice.Held);
+
+    [Theory]
+    [InlineData(2)]
+    [InlineData(4)]
+    public async Task LossAndGradientsMatchTheSingleProcessAndOnlyMegatronsAllReducesCrossTheGroup(int tp)
+    {
+        var (x, y) = Batch();
+        using var reference = new Gpt(Spec, Vocab, Seed);
+        var expectedLoss = reference.Loss(x, y);
+        expectedLoss.backward();
+        var expectedGrads = reference.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone());
+        var expectedWeights = reference.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
+
+        var results = await OnRanks(tp, (group, recording) =>
+        {
+            using var model = new ParallelGpt(Spec, Vocab, Seed, group);
+            // Same start as one process: every slice is the single process's weights, bit for bit.
+            foreach (var p in model.Parameters)
+                Assert.True(Held(p.Tensor, p.Slice).eq(Part(expectedWeights[p.Name], p.Slice)).all().item<bool>(), $"rank {group.Rank}: {p.Name} does not start as one process's");
+            var loss = model.Loss(x, y);
+            var forward = recording.AllReduces.ToList();
+            recording.AllReduces.Clear();
+            loss.backward();
+            group.ThrowIfFailed();
+            var backward = recording.AllReduces.ToList();
+            var missing = model.Parameters.Where(p => p.Tensor.grad is null).Select(p => p.Name).ToList();
+            Assert.True(missing.Count == 0, $"rank {group.Rank}: no gradient for {string.Join(", ", missing)}");
+            var worst = model.Parameters.Select(p =>
+                (p.Name, Diff: (Held(p.Tensor.grad!, p.Slice) - Part(expectedGrads[p.Name], p.Slice)).abs().max().item<float>())).MaxBy(d => d.Diff);
+            return (Loss: loss.item<float>(), forward, backward, worst);
+        });
+
+        long activations = 3L * Spec.BlockSize * Spec.Embedding, tokens = 3L * Spec.BlockSize;
+        foreach (var (loss, forward, backward, worst) in results)
+        {
+            Assert.True(Math.Abs(loss - expectedLoss.item<float>()) <= 1e-5 * expectedLoss.item<float>(), $"tp={tp}: loss {loss} vs one process {expectedLoss.item<float>()}");
+            Assert.True(worst.Diff <= 1e-5, $"tp={tp}: gradient of {worst.Name} differs by {worst.Diff}");
+            // Forward: the embedding's g, then per block g after attention and after the MLP, then the loss's max, target logit and sum of exponentials.
+            (ReduceOp, int)[] expectedForward =
+            [
+                (ReduceOp.Sum, (int)activations),
+                .. Enumerable.Repeat((ReduceOp.Sum, (int)activations), 2 * Spec.Layers),
+                (ReduceOp.Max, (int)tokens), (ReduceOp.Sum, (int)tokens), (ReduceOp.Sum, (int)tokens),
+            ];
+            Assert.Equal(expectedForward, forward);
+            // Backward: per block f before attention and before the MLP, and the head's f; the loss's backward needs none.
+            Assert.Equal(Enumerable.Repeat((ReduceOp.Sum, (int)activations), 2 * Spec.Layers + 1), backward);
+        }
+    }
+
+    [Fact]
+    public async Task AMaximumAllReduceGivesEveryRankTheElementwiseMaximum()
+    {
+        var results = await OnRanks(3, (group, _) =>
+        {
+            // Sizes on both sides of the one-shot limit, so both algorithms take the maximum.
+            return new[] { 5, 300_000 }.Select(length =>
+            {
+                var t = arange(length, dtype: ScalarType.Float32).remainder(7).add(group.Rank == 1 ? 0.5f : 0f).mul(group.Rank == 2 ? -1f : 1f).contiguous();
+                group.AllReduce(t, ReduceOp.Max);
+                return t.data<float>().ToArray();
+            }).ToArray();
+        });
+        foreach (var perRank in results)
+            foreach (var values in perRank)
+                for (int i = 0; i < values.Length; i++) Assert.Equal(i % 7 + 0.5f, values[i]);
+    }
+}
