@@ -85,7 +85,7 @@ static class CoordinatorCommand
             var spec = Distributed.Cluster.Config.JobConfigLoader.Load(parse.GetValue(config)!, parse.GetValue(set));
             int count = parse.GetValue(workers) ?? spec.Cluster.Workers;
             if (count < 1) throw new Core.UserFacingException($"--workers must be 1 or more, got {count}");
-            spec.ValidateDataParallel(count);
+            Core.ParallelLayout.For(spec, count);
             var plan = Core.Faults.Parse(parse.GetValue(faults) ?? [], parse.GetValue(faultSeed), count, spec.Train.MaxIters, spec.Checkpoint.Every);
             using var loggerFactory = Logging.CreateFactory();
             var logger = loggerFactory.CreateLogger("coordinator");

@@ -42,6 +42,8 @@ static class TrainCommand
             var spec = JobConfigLoader.Load(configFile, parse.GetValue(set));
             int workerCount = parse.GetValue(workers) ?? spec.Cluster.Workers;
             if (workerCount < 0) throw new UserFacingException($"--workers must be 0 or more, got {workerCount}");
+            if (workerCount == 0 && (spec.Parallel.Tp > 1 || spec.Parallel.Pp > 1))
+                throw new UserFacingException($"parallel.tp = {spec.Parallel.Tp} and parallel.pp = {spec.Parallel.Pp} need worker processes: --workers 0 is the plain single process (tp = pp = 1)");
             if (workerCount > 0 && parse.GetValue(stopAt) is not null) throw new UserFacingException("--stop-at needs --workers 0 (single process) for now");
             string[] faultArguments = parse.GetValue(faults) ?? [];
             if (faultArguments.Length > 0 && workerCount == 0) throw new UserFacingException("--fault needs a cluster (--workers 1 or more)");
@@ -97,7 +99,7 @@ static class TrainCommand
         }
         else
         {
-            spec.ValidateDataParallel(workers);
+            Core.ParallelLayout.For(spec, workers);   // names every degree that does not fit, before any process starts
             // Workers share this host's cores unless the job says how many threads each takes.
             if (spec.Threads == 0) spec = spec with { Threads = Math.Max(1, Environment.ProcessorCount / workers) };
             // Resuming its own run directory, the coordinator continues from its journal (or the run's newest commit).

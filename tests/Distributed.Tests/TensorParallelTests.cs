@@ -77,12 +77,14 @@ public class TensorParallelTests
     static Tensor Held(Tensor local, TensorSlice? slice) => slice is null ? local : local.narrow(slice.Dim, 0, slice.Held);
 
     [Theory]
-    [InlineData(2)]
-    [InlineData(4)]
-    public async Task LossAndGradientsMatchTheSingleProcessAndOnlyMegatronsAllReducesCrossTheGroup(int tp)
+    [InlineData(2, true)]
+    [InlineData(2, false)]
+    [InlineData(4, false)]
+    public async Task LossAndGradientsMatchTheSingleProcessAndOnlyMegatronsAllReducesCrossTheGroup(int tp, bool bias)
     {
+        var spec = Spec with { Bias = bias };
         var (x, y) = Batch();
-        using var reference = new Gpt(Spec, Vocab, Seed);
+        using var reference = new Gpt(spec, Vocab, Seed);
         var expectedLoss = reference.Loss(x, y);
         expectedLoss.backward();
         var expectedGrads = reference.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone());
@@ -90,7 +92,8 @@ public class TensorParallelTests
 
         var results = await OnRanks(tp, (group, recording) =>
         {
-            using var model = new ParallelGpt(Spec, Vocab, Seed, group);
+            using var model = new ParallelGpt(spec, Vocab, Seed, group);
+            Assert.Equal(expectedWeights.Keys, model.Parameters.Select(p => p.Name));
             // Same start as one process: every slice is the single process's weights, bit for bit.
             foreach (var p in model.Parameters)
                 Assert.True(Held(p.Tensor, p.Slice).eq(Part(expectedWeights[p.Name], p.Slice)).all().item<bool>(), $"rank {group.Rank}: {p.Name} does not start as one process's");
@@ -123,6 +126,36 @@ public class TensorParallelTests
             // Backward: per block f before attention and before the MLP, and the head's f; the loss's backward needs none.
             Assert.Equal(Enumerable.Repeat((ReduceOp.Sum, (int)activations), 2 * Spec.Layers + 1), backward);
         }
+    }
+
+    sealed class NoCommit : Distributed.Training.Checkpoints.ICheckpointCommit
+    {
+        public void ShardWritten(long step, string directory, Distributed.Training.Checkpoints.ShardRecord shard) { }
+    }
+
+    [Fact]
+    public async Task TrainerStepsMatchTheSingleProcess()
+    {
+        string dir = TestSupport.TempDir("tp-trainer");
+        var spec = TestSupport.TinyJob(dir, "model.n-head=4", "parallel.tp=2");
+        double[] single;
+        using (var t = new Distributed.Training.Trainer(spec with { Parallel = ParallelSpec.None }, TestSupport.Logger))
+            single = Enumerable.Range(0, 3).SelectMany(_ => { var m = t.TrainStep(); return new[] { m.Loss, m.GradNorm }; }).ToArray();
+        var layout = ParallelLayout.For(spec, 2);
+        var nodes = await Task.WhenAll(Enumerable.Range(0, 2).Select(_ => DataPlaneNode.StartAsync()));
+        var endpoints = nodes.Select(n => n.Endpoint).ToArray();
+        for (int r = 0; r < 2; r++) nodes[r].BeginGeneration(1, r);
+        var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
+        var results = await Task.WhenAll(links.Select((l, rank) => Task.Factory.StartNew(() =>
+        {
+            ProcessGroup G(ParallelAxis axis) => new(l, ParallelLayout.GroupId(axis), layout.Group(axis, rank));
+            var data = G(ParallelAxis.Data);
+            var groups = new Distributed.Training.TrainerGroups(layout, rank, data, data, G(ParallelAxis.Tensor));
+            using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
+            return Enumerable.Range(0, 3).SelectMany(_ => { var m = t.TrainStep(); return new[] { m.Loss, m.GradNorm }; }).ToArray();
+        }, TaskCreationOptions.LongRunning)));
+        foreach (var r in results)
+            for (int i = 0; i < single.Length; i++) Assert.True(Math.Abs(r[i] - single[i]) <= 1e-5 * Math.Abs(single[i]), $"value {i}: {r[i]} vs one process {single[i]}");
     }
 
     [Fact]

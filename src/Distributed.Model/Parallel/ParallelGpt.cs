@@ -20,7 +20,7 @@ public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
     readonly Dropout resid_dropout;
     readonly int _localHeads;
     readonly double _dropout;
-    readonly ParallelGpt _model;
+    readonly DropoutStream _stream;   // not the model itself: a module field would register the model as its own child
 
     internal ParallelCausalSelfAttention(ParallelGpt model, string prefix, IReadOnlyDictionary<string, Tensor> full, TensorParallelGroup group)
         : base(nameof(ParallelCausalSelfAttention))
@@ -34,7 +34,7 @@ public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
         resid_dropout = Dropout(spec.Dropout);
         _localHeads = spec.Heads / group.Size;
         _dropout = spec.Dropout;
-        _model = model;
+        _stream = model.TensorParallelDropout;
         RegisterComponents();
     }
 
@@ -57,9 +57,21 @@ public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
         long t = q.shape[2];
         using var causal = ones(t, t, dtype: ScalarType.Bool).tril().logical_not();
         var scores = q.matmul(k.transpose(-2, -1)).div_(Math.Sqrt(q.shape[^1])).masked_fill(causal, float.NegativeInfinity);
-        var keep = rand(scores.shape, generator: _model.TensorParallelDropout).ge(_dropout);
+        var keep = rand(scores.shape, generator: _stream.Generator).ge(_dropout);
         var weights = F.softmax(scores, -1).mul(keep).div_(1 - _dropout);
         return weights.matmul(v);
+    }
+}
+
+/// <summary>A generator the step reseeds (Megatron's RNG tracker, for the one region that needs it here).</summary>
+sealed class DropoutStream
+{
+    public Generator Generator { get; private set; } = new(0);
+
+    public void Reseed(long seed)
+    {
+        Generator.Dispose();
+        Generator = new Generator((ulong)seed);
     }
 }
 
@@ -123,7 +135,6 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
     readonly Dropout drop;
     readonly TensorParallelGroup _group;
     readonly Dictionary<string, TensorSlice> _slices = [];
-    Generator _tensorParallelDropout = new(0);
 
     public ParallelGpt(ModelSpec spec, int vocabSize, long seed, TensorParallelGroup group) : base(nameof(ParallelGpt))
     {
@@ -149,7 +160,8 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
     public ParameterUse Use { get; } = new();
     public IReadOnlyList<ModelParameter> Parameters { get; }
 
-    internal Generator TensorParallelDropout => _tensorParallelDropout;
+    /// <summary>The generator of the dropout inside tensor-parallel regions (a stream per TP rank).</summary>
+    internal DropoutStream TensorParallelDropout { get; } = new();
 
     /// <summary>Records the slices a parallel layer holds under its parameters' global names.</summary>
     internal T Register<T>(string name, T layer) where T : Module
@@ -177,8 +189,7 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
     public void SeedDropout(long shared, long tensorParallel)
     {
         manual_seed(shared);
-        _tensorParallelDropout.Dispose();
-        _tensorParallelDropout = new Generator((ulong)tensorParallel);
+        TensorParallelDropout.Reseed(tensorParallel);
     }
 
     /// <summary>This rank's columns of the logits [B, T, padded vocab / tp].</summary>
@@ -200,7 +211,7 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
 
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _tensorParallelDropout.Dispose();
+        if (disposing) TensorParallelDropout.Generator.Dispose();
         base.Dispose(disposing);
     }
 }
