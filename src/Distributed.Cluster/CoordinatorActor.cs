@@ -200,6 +200,9 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     {
         _finished.Clear();
         _pendingShards.Clear();
+        var placed = ParallelLayout.PlaceTensorParallelGroups(_workers.Select(w => w.Host).ToList(), _spec.Parallel.Tp).Select(i => _workers[i]).ToList();
+        _workers.Clear();
+        _workers.AddRange(placed);
         var endpoints = _workers.Select(w => w.DataPlaneEndpoint).ToList();
         var pending = _faults.Where(f => !_state.HasFired(f)).ToArray();
         for (int rank = 0; rank < _workers.Count; rank++)

@@ -77,4 +77,20 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
     public const int CompressedDataGroupId = 16;
 
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
+
+    /// <summary>
+    /// The order in which workers on <paramref name="hosts"/> (one entry per worker) take ranks 0, 1, ...: whole TP
+    /// groups from one host first (TP is the chattiest group, and shared memory beats TCP), the remaining workers after
+    /// them, each host's workers in their given order. Returns indices into <paramref name="hosts"/>.
+    /// </summary>
+    public static int[] PlaceTensorParallelGroups(IReadOnlyList<string> hosts, int tp)
+    {
+        var byHost = Enumerable.Range(0, hosts.Count).GroupBy(i => hosts[i]).Select(g => new Queue<int>(g)).ToList();
+        var order = new List<int>(hosts.Count);
+        foreach (var queue in byHost)
+            while (queue.Count >= tp)
+                for (int i = 0; i < tp; i++) order.Add(queue.Dequeue());
+        foreach (var queue in byHost) order.AddRange(queue);
+        return [.. order];
+    }
 }
