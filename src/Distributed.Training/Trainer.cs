@@ -82,6 +82,9 @@ public sealed class Trainer : IDisposable
                     checkpoint.Path, Step, verifying.TotalMilliseconds, StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize),
                     loading.Elapsed.TotalMilliseconds);
             }
+            _logger.LogInformation("Rank {Rank} holds {Bytes:N0} bytes of weights and AdamW moments ({Elements:N0} parameters of the model's {Total:N0})",
+                Rank, Model.Parameters.Sum(p => p.Tensor.NumberOfElements) * 3 * sizeof(float), Model.Parameters.Sum(p => p.Tensor.NumberOfElements),
+                Model.Parameters.Sum(p => p.Slice is { } s ? s.GlobalShape.Aggregate(1L, (a, b) => a * b) : p.Tensor.NumberOfElements));
             if (_dataParallel is { Size: > 1 }) SynchronizeWithRankZero();
             // A group of one has nothing to average: it trains exactly as the plain loop does.
             if (_dataParallel is { Size: > 1 })
@@ -135,6 +138,7 @@ public sealed class Trainer : IDisposable
                 step = m.Step, loss = m.Loss, lr = m.LearningRate, grad_norm = m.GradNorm,
                 tokens_per_s = Math.Round(m.TokensPerSecond, 1), step_ms = Math.Round(m.StepMs, 3),
                 compute_ms = Math.Round(m.ComputeMs, 3), allreduce_ms = Math.Round(m.AllReduceMs, 3), allreduce_bytes = m.AllReduceBytes,
+                tp_allreduce_ms = Math.Round(m.TensorParallelMs, 3), tp_allreduce_bytes = m.TensorParallelBytes, tp_allreduces = m.TensorParallelAllReduces,
                 wall_time = Math.Round((DateTime.UtcNow - DateTime.UnixEpoch).TotalSeconds, 6),   // when the step ended, seconds since 1970 (UTC)
             }));
             observer.OnStep(m);
@@ -162,6 +166,7 @@ public sealed class Trainer : IDisposable
     public StepMetrics TrainStep()
     {
         var clock = Stopwatch.StartNew();
+        var (tpTime, tpBytes, tpCount) = (_tensorParallel?.Elapsed ?? TimeSpan.Zero, _tensorParallel?.Bytes ?? 0, _tensorParallel?.AllReduces ?? 0);
         using var scope = NewDisposeScope();
         Model.Module.train();
         // Dropout masks are a pure function of (seed, step, coordinates), so a resumed run draws the same ones: replicated
@@ -203,7 +208,8 @@ public sealed class Trainer : IDisposable
         else Model.Module.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
         var result = new StepMetrics(Step + 1, loss, learningRate, gradNorm,
-            _spec.Train.BatchSize * _spec.Model.BlockSize / (ms / 1000.0), ms, computeMs, allReduceMs, allReduceBytes);
+            _spec.Train.BatchSize * _spec.Model.BlockSize / (ms / 1000.0), ms, computeMs, allReduceMs, allReduceBytes,
+            ((_tensorParallel?.Elapsed ?? TimeSpan.Zero) - tpTime).TotalMilliseconds, (_tensorParallel?.Bytes ?? 0) - tpBytes, (_tensorParallel?.AllReduces ?? 0) - tpCount);
         Step++;
         return result;
     }
@@ -220,9 +226,9 @@ public sealed class Trainer : IDisposable
         var counted = Model.Parameters.Where(p => !p.IsReplicated || tp.Rank == 0).Select(p => (Tensor)p.Tensor);
         double Reduce(double squared)
         {
-            var sum = new[] { (float)squared };
-            Wait(tp.Group.AllReduceAsync(sum, ReduceOp.Sum, deadline));
-            return sum[0];
+            using var sum = tensor(new[] { (float)squared });
+            tp.AllReduce(sum, ReduceOp.Sum);
+            return sum.item<float>();
         }
         return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip, Reduce, counted);
     }

@@ -5,7 +5,8 @@ namespace Distributed.Training;
 /// backward; AllReduceMs and AllReduceBytes are the gradient all-reduce (0 in a single process).
 /// </summary>
 public sealed record StepMetrics(long Step, double Loss, double LearningRate, double GradNorm, double TokensPerSecond, double StepMs,
-    double ComputeMs = 0, double AllReduceMs = 0, long AllReduceBytes = 0);
+    double ComputeMs = 0, double AllReduceMs = 0, long AllReduceBytes = 0,
+    double TensorParallelMs = 0, long TensorParallelBytes = 0, long TensorParallelAllReduces = 0);
 
 /// <summary>Mean losses over eval-iters batches of each split.</summary>
 public sealed record EvalResult(long Step, double TrainLoss, double ValLoss)

@@ -134,7 +134,7 @@ public class TensorParallelTests
     }
 
     [Fact]
-    public async Task TrainerStepsMatchTheSingleProcess()
+    public async Task TrainerStepsMatchTheSingleProcessAndReplicatedParametersStayIdentical()
     {
         string dir = TestSupport.TempDir("tp-trainer");
         var spec = TestSupport.TinyJob(dir, "model.n-head=4", "parallel.tp=2");
@@ -152,10 +152,16 @@ public class TensorParallelTests
             var data = G(ParallelAxis.Data);
             var groups = new Distributed.Training.TrainerGroups(layout, rank, data, data, G(ParallelAxis.Tensor));
             using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
-            return Enumerable.Range(0, 3).SelectMany(_ => { var m = t.TrainStep(); return new[] { m.Loss, m.GradNorm }; }).ToArray();
+            var values = Enumerable.Range(0, 3).SelectMany(_ => { var m = t.TrainStep(); return new[] { m.Loss, m.GradNorm }; }).ToArray();
+            var replicated = t.Model.Parameters.Where(p => p.IsReplicated).ToDictionary(p => p.Name, p => p.Tensor.detach().clone());
+            return (values, replicated);
         }, TaskCreationOptions.LongRunning)));
-        foreach (var r in results)
-            for (int i = 0; i < single.Length; i++) Assert.True(Math.Abs(r[i] - single[i]) <= 1e-5 * Math.Abs(single[i]), $"value {i}: {r[i]} vs one process {single[i]}");
+        foreach (var (values, _) in results)
+            for (int i = 0; i < single.Length; i++) Assert.True(Math.Abs(values[i] - single[i]) <= 1e-5 * Math.Abs(single[i]), $"value {i}: {values[i]} vs one process {single[i]}");
+        // Replicated parameters (LayerNorms, position embeddings) get the same gradients on every TP rank and stay bit-identical.
+        Assert.NotEmpty(results[0].replicated);
+        foreach (var (name, tensor) in results[0].replicated)
+            Assert.True(tensor.eq(results[1].replicated[name]).all().item<bool>(), $"{name} differs between the TP ranks");
     }
 
     [Fact]

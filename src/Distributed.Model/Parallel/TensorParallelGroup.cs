@@ -26,6 +26,9 @@ public sealed class TensorParallelGroup(IProcessGroup group)
     public long AllReduces { get; private set; }
     public long Bytes { get; private set; }
 
+    /// <summary>Time spent waiting in all-reduces (the communication share of a step).</summary>
+    public TimeSpan Elapsed { get; private set; }
+
     /// <summary>Reduces <paramref name="t"/> (contiguous float32 on the CPU) in place over the group.</summary>
     public unsafe void AllReduce(Tensor t, ReduceOp op)
     {
@@ -34,10 +37,18 @@ public sealed class TensorParallelGroup(IProcessGroup group)
         if (_failure is not null) return;
         AllReduces++;
         Bytes += t.NumberOfElements * sizeof(float);
-        fixed (byte* data = t.bytes)
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        try
         {
-            var memory = new NativeMemory<float>((float*)data, checked((int)t.NumberOfElements), owner: t);
-            Group.AllReduceAsync(memory.Memory, op, Cancellation).GetAwaiter().GetResult();
+            fixed (byte* data = t.bytes)
+            {
+                var memory = new NativeMemory<float>((float*)data, checked((int)t.NumberOfElements), owner: t);
+                Group.AllReduceAsync(memory.Memory, op, Cancellation).GetAwaiter().GetResult();
+            }
+        }
+        finally
+        {
+            Elapsed += System.Diagnostics.Stopwatch.GetElapsedTime(started);
         }
     }
 
