@@ -265,14 +265,14 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>Everything needed to continue: weights, moments, step, and what makes the data order reproducible.</summary>
-    public IReadOnlyList<(string Name, Tensor Tensor)> StateTensors()
+    public IReadOnlyList<StateEntry> StateTensors()
     {
-        var list = new List<(string, Tensor)>();
-        foreach (var (name, p) in Model.named_parameters()) list.Add(("model." + name, p));
+        var list = new List<StateEntry>();
+        foreach (var (name, p) in Model.named_parameters()) list.Add(new("model." + name, p));
         foreach (var (name, m, v) in _optimizer.State)
         {
-            list.Add(("optim.exp_avg." + name, m));
-            list.Add(("optim.exp_avg_sq." + name, v));
+            list.Add(new("optim.exp_avg." + name, m));
+            list.Add(new("optim.exp_avg_sq." + name, v));
         }
         return list;
     }
