@@ -263,6 +263,9 @@ public class CheckpointSliceTests
         string across = Assert.Throws<CheckpointException>(() => complete.CopyInto([new StateEntry(Proj, rows, TensorSlice.Range([C, 4 * C], 0, 0, 4))])).Message;
         Assert.Contains($"tensor '{Proj}' is stored sliced along dimension 1", across);
         Assert.Contains("the target along dimension 0", across);
+        // A local tensor that does not fit its slice is the caller's bug, named when the entry is made.
+        Assert.Contains($"state entry '{Wte}' of local shape [10, 4] does not fit its slice", Assert.Throws<ArgumentException>(
+            () => new StateEntry(Wte, wider.narrow(0, 0, 10), TensorSlice.Range([Vocab, 4], 0, 0, 33))).Message);
         DisposeAll([.. globals.Values, rank0.Tensor]);
     }
 

@@ -33,6 +33,7 @@ public static class CheckpointExport
         try
         {
             foreach (var name in names) tensors.Add((name[CheckpointFiles.ModelPrefix.Length..], loaded.ReadGlobal(name)));
+            Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(output))!);
             string temp = output + ".tmp";
             using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
                 SafeTensors.Write(stream, tensors, metadata, afterData: () => stream.Flush(flushToDisk: true));

@@ -123,6 +123,7 @@ public sealed class LoadedCheckpoint(string path, Dictionary<string, string> met
         foreach (var (piece, runs) in plan)
         {
             var stream = open(piece.File);
+            // The whole piece fills one block of the target (so does every whole-to-whole load): read straight into it.
             if (runs is [var only] && only.From == 0 && only.Length == Extent(piece.Entry.Shape, dim))
             {
                 using var block = Region(held, dim, only.To, only.Length);

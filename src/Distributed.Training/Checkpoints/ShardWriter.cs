@@ -1,7 +1,5 @@
 using System.Diagnostics;
 using Microsoft.Extensions.Logging;
-using TorchSharp;
-using static TorchSharp.torch;
 
 namespace Distributed.Training.Checkpoints;
 

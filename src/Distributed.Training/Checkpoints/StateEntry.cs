@@ -11,6 +11,9 @@ namespace Distributed.Training.Checkpoints;
 /// </summary>
 public sealed record StateEntry(string Name, Tensor Tensor, TensorSlice? Slice = null)
 {
+    // Checked when the entry is made: a local tensor that does not fit its slice is a bug of the caller, not of a checkpoint.
+    public TensorSlice? Slice { get; init; } = Checked(Name, Tensor, Slice);
+
     /// <summary>The global tensor's shape.</summary>
     public long[] GlobalShape => Slice?.GlobalShape ?? Tensor.shape;
 
@@ -31,11 +34,7 @@ public sealed record StateEntry(string Name, Tensor Tensor, TensorSlice? Slice =
     /// A view of the held indices (the padding cut off), for the caller to dispose: along the slice's dimension it is
     /// the concatenation of the segments, every other dimension is the global one.
     /// </summary>
-    public Tensor Held()
-    {
-        Check();
-        return LocalLength == HeldLength ? Tensor.detach() : Tensor.narrow(Slice!.Dim, 0, HeldLength);
-    }
+    public Tensor Held() => LocalLength == HeldLength ? Tensor.detach() : Tensor.narrow(Slice!.Dim, 0, HeldLength);
 
     /// <summary>
     /// This entry as a shard file stores it: the held indices, contiguous on the CPU, in a new tensor for the caller to
@@ -50,22 +49,22 @@ public sealed record StateEntry(string Name, Tensor Tensor, TensorSlice? Slice =
         return this with { Tensor = stored.DetachFromDisposeScope() };
     }
 
-    /// <summary>A local tensor that does not fit its slice is a bug of the caller, not of a checkpoint.</summary>
-    void Check()
+    static TensorSlice? Checked(string name, Tensor tensor, TensorSlice? slice)
     {
-        if (Slice is null) return;
-        long[] local = Tensor.shape, global = Slice.GlobalShape;
-        int dim = Slice.Dim;
-        var sorted = Slice.Segments.OrderBy(s => s.Start).ToList();
+        if (slice is null) return null;
+        long[] local = tensor.shape, global = slice.GlobalShape;
+        int dim = slice.Dim;
+        var sorted = slice.Segments.OrderBy(s => s.Start).ToList();
         string? problem =
             local.Length != global.Length ? $"{local.Length} dimensions against the global tensor's {global.Length}" :
             local.Length == 0 ? null :
             dim < 0 || dim >= global.Length ? $"the slice names dimension {dim}" :
             Enumerable.Range(0, global.Length).Any(d => d != dim && local[d] != global[d]) ? $"other dimensions than {dim} differ from the global tensor's" :
-            local[dim] < Slice.Held ? $"{local[dim]} indices along dimension {dim}, fewer than the {Slice.Held} held" :
+            local[dim] < slice.Held ? $"{local[dim]} indices along dimension {dim}, fewer than the {slice.Held} held" :
             sorted.Any(s => s.Start < 0 || s.Length <= 0 || s.Start + s.Length > global[dim]) ? "a segment lies outside the global tensor" :
             sorted.Zip(sorted.Skip(1)).Any(p => p.First.Start + p.First.Length > p.Second.Start) ? "segments overlap" : null;
         if (problem is not null)
-            throw new ArgumentException($"state entry '{Name}' of local shape [{string.Join(", ", local)}] does not fit its slice ({Slice}): {problem}");
+            throw new ArgumentException($"state entry '{name}' of local shape [{string.Join(", ", local)}] does not fit its slice ({slice}): {problem}");
+        return slice;
     }
 }
