@@ -37,7 +37,7 @@ static class CheckpointBenchmark
             string target = Path.Combine(dir, "throughput");
             if (Directory.Exists(target)) Directory.Delete(target, recursive: true);
             var clock = Stopwatch.StartNew();
-            var record = CheckpointFiles.WriteShard(target, 0, 1, state.Select(e => (e.Name, e.Tensor)).ToList() /*MERGE*/, metadata);
+            var record = CheckpointFiles.WriteShard(target, 0, 1, state, metadata);
             ours.Add(record.Bytes / clock.Elapsed.TotalSeconds);
             clock.Restart();
             string rawPath = Path.Combine(dir, "raw.bin");

@@ -101,16 +101,18 @@ static class InspectCommand
         }
         var manifest = CheckpointFiles.ReadManifest(directory);
         using var checkpoint = CheckpointFiles.Load(directory);
-        Console.WriteLine($"checkpoint {directory} (step {manifest.Step}, generation {manifest.Generation}, {manifest.Shards.Length} shards, verified)");
+        Console.WriteLine($"checkpoint {directory} (step {manifest.Step}, generation {manifest.Generation}, layout {manifest.Layout}, {manifest.Shards.Length} shards, verified)");
         foreach (var shard in manifest.Shards) Console.WriteLine($"  {shard.File,-32} {shard.Bytes,12:N0} bytes  sha256 {shard.Sha256}");
         foreach (var (key, value) in checkpoint.Metadata.OrderBy(p => p.Key, StringComparer.Ordinal))
             Console.WriteLine($"{key,-16} {(key == "vocab" ? System.Text.Json.JsonSerializer.Serialize(value) : value)}");
         long total = 0;
-        // From the headers alone: listing a state needs none of its bytes in memory.
+        // From the headers alone: listing a state needs none of its bytes in memory. Global tensors, with the pieces that hold them.
         foreach (var (name, stored) in checkpoint.Stored)
         {
-            total += stored.Entry.Shape.Aggregate(1L, (product, d) => product * d);
-            Console.WriteLine($"  {name,-48} {stored.Entry.DType,-8} [{string.Join(", ", stored.Entry.Shape)}]");
+            total += stored.Elements;
+            string pieces = stored.Pieces is [{ Slice.IsWhole: true }] ? "whole"
+                : $"{stored.Pieces.Count} pieces: {string.Join("; ", stored.Pieces.Select(p => $"{p.Slice} in {Path.GetFileName(p.File)}"))}";
+            Console.WriteLine($"  {name,-48} {stored.DType,-8} {$"[{string.Join(", ", stored.Shape)}]",-14} {pieces}");
         }
         Console.WriteLine($"{checkpoint.Stored.Count} tensors, {total:N0} elements");
         return 0;

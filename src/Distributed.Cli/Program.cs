@@ -7,6 +7,7 @@ var root = new RootCommand("dtrain: distributed training of GPT models on TorchS
     TrainCommand.Create(),
     SampleCommand.Create(),
     InspectCommand.Create(),
+    ExportCommand.Create(),
     CoordinatorCommand.Create(),
     WorkerCommand.Create(),
     BenchCommand.Create(),

@@ -314,7 +314,7 @@ public sealed class Trainer : IDisposable
     {
         var slices = Model.Parameters.ToDictionary(p => p.Name, p => p.Slice);
         var list = new List<StateEntry>();
-        foreach (var p in Model.Parameters) list.Add(new StateEntry("model." + p.Name, p.Tensor, p.Slice));
+        foreach (var p in Model.Parameters) list.Add(new StateEntry(CheckpointFiles.ModelPrefix + p.Name, p.Tensor, p.Slice));
         foreach (var (name, m, v) in _optimizer.State)
         {
             list.Add(new StateEntry("optim.exp_avg." + name, m, slices[name]));
@@ -347,7 +347,7 @@ public sealed class Trainer : IDisposable
         // Replicated tensors are written by TP rank 0 only; each DP group deals its TP rank's tensors between its ranks.
         var mine = StateTensors().Where(e => e.Slice is not null || TensorParallelRank == 0).ToList();
         _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), Rank, WorldSize,
-            CheckpointFiles.ShardOf(mine.Select(e => (e.Name, e.Tensor)).ToList() /*MERGE*/, DataParallelRank, DataParallelSize), metadata, copy);
+            CheckpointFiles.ShardOf(mine, DataParallelRank, DataParallelSize), metadata, copy);
     }
 
     /// <summary>Waits for the shard being written, if any.</summary>
@@ -362,7 +362,7 @@ public sealed class Trainer : IDisposable
     {
         if (checkpoint.Require("format") != CheckpointFormat)
             throw new CheckpointException($"checkpoint '{checkpoint.Path}' has format '{checkpoint.Metadata["format"]}', expected '{CheckpointFormat}'");
-        checkpoint.CopyInto(StateTensors().Select(e => (e.Name, e.Tensor)) /*MERGE*/);
+        checkpoint.CopyInto(StateTensors());
         Step = long.Parse(checkpoint.Require("step"), CultureInfo.InvariantCulture);
         _optimizer.StepCount = long.Parse(checkpoint.Require("optimizer_step"), CultureInfo.InvariantCulture);
     }

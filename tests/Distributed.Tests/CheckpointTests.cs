@@ -9,7 +9,7 @@ public class CheckpointTests
 {
     sealed class Quiet : ITrainingObserver;
 
-    static string Commit(string checkpoints, long step, params (string Name, TorchSharp.torch.Tensor Tensor)[][] shards)
+    static string Commit(string checkpoints, long step, params StateEntry[][] shards)
     {
         string dir = CheckpointFiles.DirectoryFor(checkpoints, step);
         var records = shards.Select((tensors, rank) => CheckpointFiles.WriteShard(dir, rank, shards.Length, tensors,
@@ -24,7 +24,7 @@ public class CheckpointTests
         string checkpoints = TestSupport.TempDir("roundtrip");
         using var a = randn(3, 5);
         using var b = arange(7, dtype: ScalarType.Int64);
-        string dir = Commit(checkpoints, 12, [("a", a)], [("b", b)]);
+        string dir = Commit(checkpoints, 12, [new StateEntry("a", a)], [new StateEntry("b", b)]);
         Assert.EndsWith("step-00000012", dir);
         var manifest = CheckpointFiles.ReadManifest(dir);
         Assert.Equal(["shard-0-of-2.safetensors", "shard-1-of-2.safetensors"], manifest.Shards.Select(s => s.File));
@@ -44,12 +44,12 @@ public class CheckpointTests
     [Fact]
     public void ShardsSplitTheStateEvenlyAndCompletely()
     {
-        var state = Enumerable.Range(0, 9).Select(i => ($"t{i}", zeros(10 * (i + 1)))).ToList();
+        var state = Enumerable.Range(0, 9).Select(i => new StateEntry($"t{i}", zeros(10 * (i + 1)))).ToList();
         var shards = Enumerable.Range(0, 3).Select(r => CheckpointFiles.ShardOf(state, r, 3)).ToList();
-        Assert.Equal(state.Select(s => s.Item1).Order(), shards.SelectMany(s => s.Select(t => t.Name)).Order());
+        Assert.Equal(state.Select(s => s.Name).Order(), shards.SelectMany(s => s.Select(t => t.Name)).Order());
         var bytes = shards.Select(s => s.Sum(t => t.Tensor.NumberOfElements * 4)).ToList();
         Assert.True(bytes.Max() - bytes.Min() <= 90 * 4, string.Join(", ", bytes));
-        foreach (var (_, t) in state) t.Dispose();
+        foreach (var entry in state) entry.Tensor.Dispose();
     }
 
     [Fact]
@@ -57,8 +57,8 @@ public class CheckpointTests
     {
         string checkpoints = TestSupport.TempDir("corrupt");
         using var t = ones(100);
-        string older = Commit(checkpoints, 1, [("t", t)]);
-        string newer = Commit(checkpoints, 2, [("t", t)]);
+        string older = Commit(checkpoints, 1, [new StateEntry("t", t)]);
+        string newer = Commit(checkpoints, 2, [new StateEntry("t", t)]);
         string shard = Path.Combine(newer, CheckpointFiles.ShardName(0, 1));
         string sha = CheckpointFiles.ReadManifest(newer).Shards[0].Sha256;
         using (var f = new FileStream(shard, FileMode.Open)) { f.Position = f.Length - 3; f.WriteByte(0x7f); }
@@ -74,16 +74,16 @@ public class CheckpointTests
     {
         string checkpoints = TestSupport.TempDir("retain");
         using var t = ones(1);
-        foreach (var step in new[] { 10, 20, 30, 40 }) Commit(checkpoints, step, [("t", t)]);
+        foreach (var step in new[] { 10, 20, 30, 40 }) Commit(checkpoints, step, [new StateEntry("t", t)]);
         // Shards of an aborted generation that never committed: older than the newest commit, so abandoned.
-        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 35), 0, 2, [("t", t)], new Dictionary<string, string>());
-        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 50), 0, 2, [("t", t)], new Dictionary<string, string>());
+        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 35), 0, 2, [new StateEntry("t", t)], new Dictionary<string, string>());
+        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 50), 0, 2, [new StateEntry("t", t)], new Dictionary<string, string>());
         CheckpointFiles.Retain(checkpoints, keep: 2);
         Assert.Equal(new long[] { 40, 30 }, CheckpointFiles.List(checkpoints).Select(c => c.Step));
         Assert.Equal(["step-00000030", "step-00000040", "step-00000050"], Directory.GetDirectories(checkpoints).Select(Path.GetFileName).Order());
 
         // With the journal's commits as the authority, a commit whose manifest is not written yet is kept, not abandoned.
-        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 60), 0, 1, [("t", t)], new Dictionary<string, string>());
+        CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 60), 0, 1, [new StateEntry("t", t)], new Dictionary<string, string>());
         CheckpointFiles.Retain(checkpoints, keep: 2, committedSteps: [30, 40, 60]);
         Assert.Equal(["step-00000040", "step-00000060"], Directory.GetDirectories(checkpoints).Select(Path.GetFileName).Order());
     }
@@ -151,12 +151,12 @@ public class CheckpointTests
         manual_seed(3);
         using var big = randn(25_000_003);   // 100 MB: more than one 64 MiB piece
         using var small = arange(5, dtype: ScalarType.Int64);
-        string one = Commit(checkpoints, 1, [("big", big), ("small", small)]);
-        string split = Commit(checkpoints, 2, [("small", small)], [("big", big)]);   // the same tensors, other shards
+        string one = Commit(checkpoints, 1, [new StateEntry("big", big), new StateEntry("small", small)]);
+        string split = Commit(checkpoints, 2, [new StateEntry("small", small)], [new StateEntry("big", big)]);   // the same tensors, other shards
         using var changed = big.clone();
         using (var last = changed.narrow(0, 25_000_002, 1)) last.add_(1);
-        string other = Commit(checkpoints, 3, [("big", changed), ("small", small)]);
-        string fewer = Commit(checkpoints, 4, [("big", big)]);
+        string other = Commit(checkpoints, 3, [new StateEntry("big", changed), new StateEntry("small", small)]);
+        string fewer = Commit(checkpoints, 4, [new StateEntry("big", big)]);
 
         var same = CheckpointFiles.Compare(one, split);
         Assert.True(same.Identical, same.Difference);
@@ -168,11 +168,11 @@ public class CheckpointTests
         using var target = zeros(25_000_003);
         using var pairs = zeros(new long[] { 5, 2 }, dtype: ScalarType.Int64);
         using var column = pairs.select(1, 0);   // not contiguous: goes through a temporary tensor
-        loaded.CopyInto([("big", target), ("small", column)]);
+        loaded.CopyInto([new StateEntry("big", target), new StateEntry("small", column)]);
         Assert.True(target.equal(big).all().item<bool>());
         Assert.True(column.equal(small).all().item<bool>());
         using var floats = zeros(5);
-        Assert.Contains("tensor 'small' is I64, the target is Float32", Assert.Throws<CheckpointException>(() => loaded.CopyInto([("small", floats)])).Message);
+        Assert.Contains("tensor 'small' is I64, the target is Float32", Assert.Throws<CheckpointException>(() => loaded.CopyInto([new StateEntry("small", floats)])).Message);
         Directory.Delete(checkpoints, recursive: true);   // 400 MB
     }
 
@@ -182,12 +182,12 @@ public class CheckpointTests
         string checkpoints = TestSupport.TempDir("over-2gib");
         long elements = (1L << 29) + 3;   // 2 GiB + 12 bytes
         using var big = arange(elements, dtype: ScalarType.Float32);
-        string dir = Commit(checkpoints, 1, [("big", big)]);
+        string dir = Commit(checkpoints, 1, [new StateEntry("big", big)]);
         Assert.True(CheckpointFiles.ReadManifest(dir).Shards[0].Bytes > 1L << 31);
         using (var loaded = CheckpointFiles.Load(dir))
         {
             using var target = zeros(elements);
-            loaded.CopyInto([("big", target)]);
+            loaded.CopyInto([new StateEntry("big", target)]);
             Assert.True(target.equal(big).all().item<bool>());
         }
         Assert.True(CheckpointFiles.Compare(dir, dir).Identical);

@@ -52,6 +52,12 @@ public class CliTests
         Assert.Contains(", verified)", inspect.Stdout);
         Assert.Contains("model.wte.weight", inspect.Stdout);
         Assert.Contains("[65, 16]", inspect.Stdout);
+        Assert.Contains("layout dp=1 x tp=1 x pp=1", inspect.Stdout);
+
+        var export = TestSupport.RunCli(dir, "export", checkpoint, "model.safetensors");
+        Assert.True(export.ExitCode == 0, export.Stderr + export.Stdout);
+        Assert.Contains("exported", export.Stdout);
+        Assert.True(File.Exists(Path.Combine(dir, "model.safetensors")));
 
         var sample = TestSupport.RunCli(dir, "sample", "--checkpoint", checkpoint, "--prompt", "ROMEO:", "--tokens", "20", "--seed", "3");
         Assert.Equal(0, sample.ExitCode);
@@ -63,6 +69,7 @@ public class CliTests
         File.WriteAllBytes(shard, bytes);
         AssertOneLineError(TestSupport.RunCli(dir, "sample", "--checkpoint", checkpoint), $"checkpoint '{checkpoint}' is corrupt: '{shard}' has SHA-256");
         AssertOneLineError(TestSupport.RunCli(dir, "inspect", checkpoint), "is corrupt");
+        AssertOneLineError(TestSupport.RunCli(dir, "export", checkpoint, "again.safetensors"), "is corrupt");
 
         // Starting over in a run directory that holds checkpoints needs --overwrite.
         AssertOneLineError(TestSupport.RunCli(dir, "train", "--config", Config, "--set", "run.dir=r", "--set", $"data.path={TestSupport.Corpus}"), "already holds a job");

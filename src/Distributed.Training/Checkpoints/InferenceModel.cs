@@ -28,7 +28,8 @@ public sealed class InferenceModel : IDisposable
         var spec = ReadSpec(checkpoint);
         var tokenizer = new CharTokenizer(checkpoint.Require("vocab"));
         var model = new Gpt(spec.Model, tokenizer.Size, spec.Seed);
-        checkpoint.CopyInto(model.named_parameters().Select(p => ("model." + p.name, (TorchSharp.torch.Tensor)p.parameter)));
+        // Whole targets: CopyInto assembles each weight from the pieces of whatever layout wrote the checkpoint.
+        checkpoint.CopyInto(model.named_parameters().Select(p => new StateEntry(CheckpointFiles.ModelPrefix + p.name, p.parameter)));
         model.eval();
         return new InferenceModel(model, tokenizer, spec, long.Parse(checkpoint.Require("step"), CultureInfo.InvariantCulture));
     }

@@ -144,7 +144,7 @@ public static class SafeTensors
         foreach (var (offset, length) in bytes.Pieces(PieceBytes)) stream.ReadExactly(bytes.Span(offset, length));
     }
 
-    static ScalarType ScalarTypeOf(TensorEntry entry, string path) => entry.DType switch
+    public static ScalarType ScalarTypeOf(TensorEntry entry, string path) => entry.DType switch
     {
         "F32" => ScalarType.Float32,
         "I64" => ScalarType.Int64,

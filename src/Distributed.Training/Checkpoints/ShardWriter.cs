@@ -1,7 +1,5 @@
 using System.Diagnostics;
 using Microsoft.Extensions.Logging;
-using TorchSharp;
-using static TorchSharp.torch;
 
 namespace Distributed.Training.Checkpoints;
 
@@ -19,7 +17,7 @@ public interface ICheckpointCommit
 public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 {
     Task? _pending;
-    List<(string Name, Tensor Tensor)>? _copies;
+    List<StateEntry>? _stored;
 
     /// <summary>Fault injection: runs when the shard of a step is durable in its temporary file, before rename and report.</summary>
     public Action<long>? BeforeRename { get; init; }
@@ -30,30 +28,22 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
     /// <param name="copy">
     /// true: the shard is copied first, so training may change the tensors while the write goes on. false (nothing
     /// changes them until <see cref="Wait"/>, e.g. after the last step): written from the tensors themselves, which
-    /// saves a copy of the shard in memory; tensors that are not contiguous CPU ones are copied all the same.
+    /// saves a copy of the shard in memory; tensors that are not contiguous CPU ones (or whose padding is cut off
+    /// and the rest is not contiguous) are copied all the same.
     /// </param>
-    public void Begin(long step, string directory, int rank, int count, IReadOnlyList<(string Name, Tensor Tensor)> shard,
+    public void Begin(long step, string directory, int rank, int count, IReadOnlyList<StateEntry> shard,
         IReadOnlyDictionary<string, string> metadata, bool copy = true)
     {
         Wait();
-        // Contiguous CPU tensors, prepared here on the training thread: the writer thread only reads their bytes.
+        // Contiguous CPU tensors of the held indices, prepared here on the training thread: the writer thread only reads their bytes.
         var copying = Stopwatch.StartNew();
-        var tensors = new List<(string Name, Tensor Tensor)>();
-        var copies = new List<(string Name, Tensor Tensor)>();
-        using (no_grad())
-            foreach (var (name, tensor) in shard)
-            {
-                if (!copy && tensor.device_type == DeviceType.CPU && tensor.is_contiguous()) { tensors.Add((name, tensor)); continue; }
-                var copied = (name, tensor.detach().cpu().contiguous().clone().DetachFromDisposeScope());
-                copies.Add(copied);
-                tensors.Add(copied);
-            }
+        var stored = shard.Select(e => e.ToStored(copy)).ToList();
         var copyTime = copying.Elapsed;
-        _copies = copies;
+        _stored = stored;
         _pending = Task.Run(() =>
         {
             var writing = Stopwatch.StartNew();
-            var record = CheckpointFiles.WriteShard(directory, rank, count, tensors, metadata,
+            var record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata,
                 BeforeRename is null ? null : () => BeforeRename(step));
             Logger?.LogInformation(
                 "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
@@ -63,18 +53,18 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
     }
 
     /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread, which also frees the copies
-    /// (and from then on the tensors written without a copy may change again).</summary>
+    /// and views (and from then on the tensors written without a copy may change again).</summary>
     public void Wait()
     {
-        var (pending, copies) = (_pending, _copies);
-        (_pending, _copies) = (null, null);
+        var (pending, stored) = (_pending, _stored);
+        (_pending, _stored) = (null, null);
         try
         {
             pending?.GetAwaiter().GetResult();
         }
         finally
         {
-            foreach (var (_, t) in copies ?? []) t.Dispose();
+            foreach (var entry in stored ?? []) entry.Tensor.Dispose();
         }
     }
 
