@@ -11,16 +11,16 @@ namespace Distributed.Model.Parallel;
 /// Attention with the heads split over the tensor-parallel ranks: q/k/v column-parallel (this rank's heads), the
 /// output projection row-parallel. Communication: f before c_attn, g after c_proj (one all-reduce each way).
 /// Attention dropout is inside the split region, so it draws from this rank's stream; the residual dropout is
-/// replicated and draws from the shared one.
+/// replicated and draws from the shared one (the same mask on every TP rank, or the replicated weights would drift apart).
 /// </summary>
 public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
 {
     readonly ColumnParallelLinear c_attn;
     readonly RowParallelLinear c_proj;
-    readonly Dropout resid_dropout;
     readonly int _localHeads;
     readonly double _dropout;
-    readonly DropoutStream _stream;   // not the model itself: a module field would register the model as its own child
+    // The streams, not the model itself: a module field would register the model as its own child.
+    readonly DropoutStream _shared, _tensorParallel;
 
     internal ParallelCausalSelfAttention(ParallelGpt model, string prefix, IReadOnlyDictionary<string, Tensor> full, TensorParallelGroup group)
         : base(nameof(ParallelCausalSelfAttention))
@@ -31,10 +31,9 @@ public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
         SliceSegment[] qkv = [new(first, part), new(c + first, part), new(2 * c + first, part)];
         c_attn = model.Register(prefix + "c_attn", new ColumnParallelLinear(full[prefix + "c_attn.weight"], full.GetValueOrDefault(prefix + "c_attn.bias"), qkv, group, model.Use));
         c_proj = model.Register(prefix + "c_proj", new RowParallelLinear(full[prefix + "c_proj.weight"], full.GetValueOrDefault(prefix + "c_proj.bias"), new SliceSegment(first, part), group, model.Use));
-        resid_dropout = Dropout(spec.Dropout);
         _localHeads = spec.Heads / group.Size;
         _dropout = spec.Dropout;
-        _stream = model.TensorParallelDropout;
+        (_shared, _tensorParallel) = (model.SharedDropout, model.TensorParallelDropout);
         RegisterComponents();
     }
 
@@ -47,7 +46,7 @@ public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
         Tensor Heads(Tensor z) => z.view(b, t, _localHeads, part / _localHeads).transpose(1, 2);
         var y = Attend(Heads(split[0]), Heads(split[1]), Heads(split[2]));
         y = y.transpose(1, 2).contiguous().view(b, t, part);
-        return resid_dropout.forward(c_proj.forward(y));
+        return _shared.Drop(c_proj.forward(y), _dropout, training);
     }
 
     Tensor Attend(Tensor q, Tensor k, Tensor v)
@@ -57,22 +56,32 @@ public sealed class ParallelCausalSelfAttention : Module<Tensor, Tensor>
         long t = q.shape[2];
         using var causal = ones(t, t, dtype: ScalarType.Bool).tril().logical_not();
         var scores = q.matmul(k.transpose(-2, -1)).div_(Math.Sqrt(q.shape[^1])).masked_fill(causal, float.NegativeInfinity);
-        var keep = rand(scores.shape, generator: _stream.Generator).ge(_dropout);
-        var weights = F.softmax(scores, -1).mul(keep).div_(1 - _dropout);
-        return weights.matmul(v);
+        return _tensorParallel.Drop(F.softmax(scores, -1), _dropout, training).matmul(v);
     }
 }
 
-/// <summary>A generator the step reseeds (Megatron's RNG tracker, for the one region that needs it here).</summary>
-sealed class DropoutStream
+/// <summary>
+/// Dropout drawn from a generator of its own that each step reseeds (Megatron's RNG tracker): torch's global
+/// generator is shared by every thread of the process, so its draws would depend on what else runs.
+/// </summary>
+sealed class DropoutStream : IDisposable
 {
-    public Generator Generator { get; private set; } = new(0);
+    Generator _generator = new(0);
 
     public void Reseed(long seed)
     {
-        Generator.Dispose();
-        Generator = new Generator((ulong)seed);
+        _generator.Dispose();
+        _generator = new Generator((ulong)seed);
     }
+
+    public Tensor Drop(Tensor x, double p, bool training)
+    {
+        if (!training || p == 0) return x;
+        using var keep = rand(x.shape, generator: _generator).ge(p);
+        return x.mul(keep).div_(1 - p);
+    }
+
+    public void Dispose() => _generator.Dispose();
 }
 
 /// <summary>The MLP split over the ranks: c_fc column-parallel (f before it), c_proj row-parallel (g after it).</summary>
@@ -80,18 +89,19 @@ public sealed class ParallelMlp : Module<Tensor, Tensor>
 {
     readonly ColumnParallelLinear c_fc;
     readonly RowParallelLinear c_proj;
-    readonly Dropout dropout;
+    readonly DropoutStream _shared;
+    readonly double _dropout;
 
     internal ParallelMlp(ParallelGpt model, string prefix, IReadOnlyDictionary<string, Tensor> full, TensorParallelGroup group) : base(nameof(ParallelMlp))
     {
         long hidden = 4L * model.Spec.Embedding, part = hidden / group.Size, first = group.Rank * part;
         c_fc = model.Register(prefix + "c_fc", new ColumnParallelLinear(full[prefix + "c_fc.weight"], full.GetValueOrDefault(prefix + "c_fc.bias"), [new(first, part)], group, model.Use));
         c_proj = model.Register(prefix + "c_proj", new RowParallelLinear(full[prefix + "c_proj.weight"], full.GetValueOrDefault(prefix + "c_proj.bias"), new SliceSegment(first, part), group, model.Use));
-        dropout = Dropout(model.Spec.Dropout);
+        (_shared, _dropout) = (model.SharedDropout, model.Spec.Dropout);
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x) => dropout.forward(c_proj.forward(F.gelu(c_fc.forward(x))));
+    public override Tensor forward(Tensor x) => _shared.Drop(c_proj.forward(F.gelu(c_fc.forward(x))), _dropout, training);
 }
 
 /// <summary>A pre-LayerNorm block whose attention and MLP are tensor-parallel; the LayerNorms are replicated.</summary>
@@ -132,7 +142,6 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
     readonly Embedding wpe;
     readonly ModuleList<ParallelBlock> h;
     readonly LayerNorm ln_f;
-    readonly Dropout drop;
     readonly TensorParallelGroup _group;
     readonly Dictionary<string, TensorSlice> _slices = [];
 
@@ -147,7 +156,6 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
         var full = reference.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
         wte = Register("wte", new VocabParallelEmbedding(full["wte.weight"], group, Use));
         wpe = Replica(Embedding(spec.BlockSize, spec.Embedding), "wpe.", full);
-        drop = Dropout(spec.Dropout);
         h = new ModuleList<ParallelBlock>(Enumerable.Range(0, spec.Layers).Select(i => new ParallelBlock(this, $"h.{i}.", full, group)).ToArray());
         ln_f = Replica(LayerNorm(spec.Embedding, bias: spec.Bias), "ln_f.", full);
         RegisterComponents();
@@ -160,7 +168,8 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
     public ParameterUse Use { get; } = new();
     public IReadOnlyList<ModelParameter> Parameters { get; }
 
-    /// <summary>The generator of the dropout inside tensor-parallel regions (a stream per TP rank).</summary>
+    /// <summary>Dropout in replicated regions (the same stream on every TP rank) and inside split ones (a stream per TP rank).</summary>
+    internal DropoutStream SharedDropout { get; } = new();
     internal DropoutStream TensorParallelDropout { get; } = new();
 
     /// <summary>Records the slices a parallel layer holds under its parameters' global names.</summary>
@@ -188,7 +197,7 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
 
     public void SeedDropout(long shared, long tensorParallel)
     {
-        manual_seed(shared);
+        SharedDropout.Reseed(shared);
         TensorParallelDropout.Reseed(tensorParallel);
     }
 
@@ -198,7 +207,7 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
         long t = idx.shape[1];
         if (t > Spec.BlockSize) throw new ArgumentException($"sequence length {t} exceeds block size {Spec.BlockSize}");
         using var pos = arange(t, dtype: ScalarType.Int64, device: idx.device);
-        var x = drop.forward(wte.forward(idx) + Use.Embedding(wpe, pos));
+        var x = SharedDropout.Drop(wte.forward(idx) + Use.Embedding(wpe, pos), Spec.Dropout, training);
         foreach (var block in h) x = block.forward(x);
         return wte.Logits(Use.LayerNorm(ln_f, x));
     }
@@ -211,7 +220,7 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
 
     protected override void Dispose(bool disposing)
     {
-        if (disposing) TensorParallelDropout.Generator.Dispose();
+        if (disposing) { SharedDropout.Dispose(); TensorParallelDropout.Dispose(); }
         base.Dispose(disposing);
     }
 }
