@@ -222,12 +222,14 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             _timeline.RankStarted(m.LoadMs);
             Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
         });
-        Command<StepDone>(m => m.Generation == generation && m.Rank == 0, m =>
+        // Progress comes from the rank that has the loss: the last pipeline stage's.
+        int reporting = ParallelLayout.For(_spec, _workers.Count).ReportingRank;
+        Command<StepDone>(m => m.Generation == generation && m.Rank == reporting, m =>
         {
             if (_timeline.FirstStep(generation, m.Metrics.Step) is { } record) QueueFileWork($"appending to {_timeline.Path}", () => File.AppendAllText(_timeline.Path, record));
             Publish(new JobStepReport(m.Metrics, _workers.Count));
         });
-        Command<EvalDone>(m => m.Generation == generation && m.Rank == 0, m => Publish(new JobEvalReport(m.Result)));
+        Command<EvalDone>(m => m.Generation == generation && m.Rank == reporting, m => Publish(new JobEvalReport(m.Result)));
         Command<ShardWritten>(m => m.Generation == generation, m => OnShardWritten(generation, m));
         Command<WorkerFinished>(m => m.Generation == generation, m =>
         {

@@ -132,12 +132,16 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 var gradients = spec.Cluster.Compression == "bf16"
                     ? GroupAlong(ParallelAxis.Data, options with { Compression = Compression.BFloat16 }, ParallelLayout.CompressedDataGroupId)
                     : dataParallel;
-                var groups = new TrainerGroups(layout, rank, dataParallel, gradients, GroupAlong(ParallelAxis.Tensor));
-                logger.LogInformation("Rank {Rank} is at {Coordinates} of {Layout}: TP group [{Tensor}], DP group [{Data}]", rank, groups.Coordinates, layout,
-                    string.Join(", ", layout.Group(ParallelAxis.Tensor, rank)), string.Join(", ", layout.Group(ParallelAxis.Data, rank)));
+                var embedding = layout.EmbeddingGroup(rank);
+                var groups = new TrainerGroups(layout, rank, dataParallel, gradients, GroupAlong(ParallelAxis.Tensor), GroupAlong(ParallelAxis.Pipeline),
+                    embedding.Length > 0 ? new ProcessGroup(links, (int)SpanningGroup.Embedding, embedding, options) : null,
+                    new ProcessGroup(links, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank), options));
+                logger.LogInformation("Rank {Rank} is at {Coordinates} of {Layout}, {Stage}: TP group [{Tensor}], DP group [{Data}], pipeline [{Pipeline}]",
+                    rank, groups.Coordinates, layout, layout.StageOf(rank, spec.Model.Layers), string.Join(", ", layout.Group(ParallelAxis.Tensor, rank)),
+                    string.Join(", ", layout.Group(ParallelAxis.Data, rank)), string.Join(", ", layout.Group(ParallelAxis.Pipeline, rank)));
                 var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
-                trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
+                trainer.Run(new Reporter(self, generation, rank, trainer.IsLeader, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));
             }
             finally
@@ -169,10 +173,10 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>
-    /// Step reports go out from rank 0 only (the coordinator shows rank 0) and at most every 200 ms: a display needs no
+    /// Step reports go out from the reporting rank only (the last stage's, which has the loss) and at most every 200 ms: a display needs no
     /// more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps every step.
     /// </summary>
-    sealed class Reporter(IActorRef self, long generation, int rank, double loadMs, WorkerFaults faults) : ITrainingObserver
+    sealed class Reporter(IActorRef self, long generation, int rank, bool reports, double loadMs, WorkerFaults faults) : ITrainingObserver
     {
         static readonly TimeSpan ReportInterval = TimeSpan.FromMilliseconds(200);
         readonly System.Diagnostics.Stopwatch _sinceReport = new();
@@ -187,11 +191,14 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         public void OnStep(StepMetrics metrics)
         {
             faults.AfterStep(metrics.Step);
-            if (rank != 0 || (_sinceReport.IsRunning && _sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
+            if (!reports || (_sinceReport.IsRunning && _sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
             _sinceReport.Restart();
             self.Tell(new StepDone(generation, rank, metrics));
         }
 
-        public void OnEval(EvalResult result) => self.Tell(new EvalDone(generation, rank, result));
+        public void OnEval(EvalResult result)
+        {
+            if (reports) self.Tell(new EvalDone(generation, rank, result));
+        }
     }
 }

@@ -1,9 +1,31 @@
 namespace Distributed.Core;
 
-/// <summary>The model-parallel degrees a job asks for (<c>parallel.tp</c>, <c>parallel.pp</c>); dp follows from the workers.</summary>
-public sealed record ParallelSpec(int Tp, int Pp)
+/// <summary>
+/// The model-parallel degrees a job asks for (<c>parallel.tp</c>, <c>parallel.pp</c>; dp follows from the workers),
+/// and how a pipeline runs a step: <c>parallel.micro-batches</c> per data-parallel rank, <c>parallel.schedule</c>
+/// (gpipe or 1f1b).
+/// </summary>
+public sealed record ParallelSpec(int Tp, int Pp, int MicroBatches = 1, string Schedule = "1f1b")
 {
     public static readonly ParallelSpec None = new(1, 1);
+}
+
+/// <summary>A pipeline stage: blocks [FirstLayer, FirstLayer + Layers) of the model; the first stage also owns the embeddings, the last the final LayerNorm and the head.</summary>
+public sealed record PipelineStage(int Index, int Count, int FirstLayer, int Layers)
+{
+    public bool IsFirst => Index == 0;
+    public bool IsLast => Index == Count - 1;
+
+    public static readonly PipelineStage Whole = new(0, 1, 0, int.MaxValue);
+
+    /// <summary>Stage <paramref name="index"/> of <paramref name="count"/> over <paramref name="layers"/> blocks, balanced by layer count (earlier stages take the remainder).</summary>
+    public static PipelineStage Of(int index, int count, int layers)
+    {
+        int per = layers / count, extra = layers % count;
+        return new PipelineStage(index, count, index * per + Math.Min(index, extra), per + (index < extra ? 1 : 0));
+    }
+
+    public override string ToString() => $"stage {Index} of {Count} (blocks {FirstLayer}..{FirstLayer + Layers - 1})";
 }
 
 /// <summary>Where a rank sits in the grid.</summary>
@@ -14,6 +36,9 @@ public readonly record struct RankCoordinates(int Tp, int Dp, int Pp)
 
 /// <summary>The axes of the grid; each rank belongs to exactly one group per axis.</summary>
 public enum ParallelAxis { Data, Tensor, Pipeline }
+
+/// <summary>Groups that are not one axis: the embedding group (first and last stage, the tied weight) and the model-parallel group (every tp x pp rank of one data-parallel index).</summary>
+public enum SpanningGroup { Embedding = 17, ModelParallel = 18 }
 
 /// <summary>
 /// The dp x tp x pp grid of a job (torchtitan's ParallelDims): one validated record that every part of the
@@ -33,15 +58,19 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
     /// </summary>
     public static ParallelLayout For(JobSpec spec, int workers)
     {
-        int tp = spec.Parallel.Tp, pp = spec.Parallel.Pp;
+        int tp = spec.Parallel.Tp, pp = spec.Parallel.Pp, micro = spec.Parallel.MicroBatches;
         var problems = new List<string>();
-        if (pp != 1) problems.Add($"parallel.pp ({pp}) must be 1: pipeline parallelism is not built yet");
+        if (pp > spec.Model.Layers) problems.Add($"parallel.pp ({pp}) must not exceed model.n-layer ({spec.Model.Layers}): every stage needs a block");
+        if (pp > 1 && spec.Train.GradAccum != 1) problems.Add($"train.grad-accum ({spec.Train.GradAccum}) must be 1 with a pipeline: parallel.micro-batches ({micro}) splits the batch instead");
+        if (spec.Parallel.Schedule is not ("gpipe" or "1f1b")) problems.Add($"parallel.schedule must be gpipe or 1f1b, got '{spec.Parallel.Schedule}'");
         if (workers % (tp * pp) != 0) problems.Add($"the workers ({workers}) must be divisible by tp x pp ({tp} x {pp})");
         if (spec.Model.Heads % tp != 0) problems.Add($"model.n-head ({spec.Model.Heads}) must be divisible by tp ({tp})");
         if (spec.Model.Embedding % tp != 0) problems.Add($"model.n-embd ({spec.Model.Embedding}) must be divisible by tp ({tp})");
         int dp = Math.Max(1, workers / (tp * pp));
         if (spec.Train.BatchSize % (dp * spec.Train.GradAccum) != 0)
             problems.Add($"train.batch-size ({spec.Train.BatchSize}) must be divisible by dp x train.grad-accum ({dp} x {spec.Train.GradAccum})");
+        else if (spec.Train.BatchSize / dp % micro != 0)
+            problems.Add($"a data-parallel rank's batch (train.batch-size / dp = {spec.Train.BatchSize / dp}) must be divisible by parallel.micro-batches ({micro})");
         if (problems.Count > 0)
             throw new ConfigException($"layout workers={workers} tp={tp} pp={pp} (dp={(double)workers / (tp * pp):0.##}) is invalid: {string.Join("; ", problems)}");
         return new ParallelLayout(dp, tp, pp);
@@ -75,6 +104,29 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
     public static int GroupId(ParallelAxis axis) => (int)axis;
 
     public const int CompressedDataGroupId = 16;
+
+    /// <summary>The rank whose step reports and evaluations the coordinator shows: the last stage computes the loss.</summary>
+    public int ReportingRank => RankAt(new RankCoordinates(0, 0, Pp - 1));
+
+    public PipelineStage StageOf(int rank, int layers) => Pp == 1 ? PipelineStage.Whole : PipelineStage.Of(Coordinates(rank).Pp, Pp, layers);
+
+    /// <summary>
+    /// The embedding group of a rank on the first or last stage (those two ranks of its tp and dp coordinates, which
+    /// both hold the tied embedding); empty for middle stages and without a pipeline.
+    /// </summary>
+    public int[] EmbeddingGroup(int rank)
+    {
+        var c = Coordinates(rank);
+        if (Pp == 1 || (c.Pp != 0 && c.Pp != Pp - 1)) return [];
+        return [RankAt(c with { Pp = 0 }), RankAt(c with { Pp = Pp - 1 })];
+    }
+
+    /// <summary>Every tp x pp rank of this rank's data-parallel index (the gradient norm is summed over them), in rank order.</summary>
+    public int[] ModelParallelGroup(int rank)
+    {
+        var c = Coordinates(rank);
+        return Enumerable.Range(0, Pp).SelectMany(p => Enumerable.Range(0, Tp).Select(t => RankAt(new RankCoordinates(t, c.Dp, p)))).ToArray();
+    }
 
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
 

@@ -8,6 +8,7 @@ using Distributed.Model.Parallel;
 using Distributed.Training.Checkpoints;
 using Distributed.Training.Data;
 using Distributed.Training.Optim;
+using Distributed.Training.Schedules;
 using Microsoft.Extensions.Logging;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -33,7 +34,9 @@ public sealed class Trainer : IDisposable
     readonly AdamW _optimizer;
     readonly IProcessGroup? _dataParallel, _gradients;
     readonly TrainerGroups? _groups;
-    readonly TensorParallelGroup? _tensorParallel;
+    readonly TensorParallelGroup? _tensorParallel, _embedding, _modelParallel;
+    readonly PipelineStage _stage;
+    readonly PipelineEngine? _pipeline;
     readonly ShardWriter _checkpoints;
     readonly LocalCommit? _localCommit;
     readonly GradientBuckets? _buckets;
@@ -48,7 +51,14 @@ public sealed class Trainer : IDisposable
         _groups = groups;
         _dataParallel = groups?.Data;
         _gradients = groups?.Gradients;
-        if (groups is { Tensor.Size: > 1 }) _tensorParallel = new TensorParallelGroup(groups.Tensor);
+        _stage = groups?.Layout.StageOf(groups.Rank, spec.Model.Layers) ?? PipelineStage.Whole;
+        if (groups is { Layout.Tp: > 1 } or { Layout.Pp: > 1 })
+        {
+            _tensorParallel = new TensorParallelGroup(groups.Tensor);
+            // Without a pipeline the model-parallel group is the TP group: the norm's all-reduce counts among TP traffic.
+            _modelParallel = groups.Layout.Pp > 1 ? new TensorParallelGroup(groups.ModelParallel) : _tensorParallel;
+            if (groups.Embedding is { } embedding) _embedding = new TensorParallelGroup(embedding);
+        }
         spec.ValidateDataParallel(DataParallelSize);
         if (checkpoints is null)
         {
@@ -72,7 +82,9 @@ public sealed class Trainer : IDisposable
             _valSampler = new BatchSampler(_corpus.Validation, spec.Model.BlockSize, spec.Seed, Seeds.ValidationStream);
             Model = _tensorParallel is null
                 ? new Gpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed)
-                : new ParallelGpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed, _tensorParallel);
+                : new ParallelGpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed, _tensorParallel, _stage);
+            if (groups is { Layout.Pp: > 1 })
+                _pipeline = new PipelineEngine((ParallelGpt)Model, groups.Pipeline, _tensorParallel!, spec.Parallel.Schedule, spec.Parallel.MicroBatches);
             _optimizer = new AdamW(Model.Parameters.Select(p => (p.Name, p.Tensor)), spec.Optimizer);
             if (checkpoint is not null)
             {
@@ -89,7 +101,9 @@ public sealed class Trainer : IDisposable
             // A group of one has nothing to average: it trains exactly as the plain loop does.
             if (_dataParallel is { Size: > 1 })
             {
-                _buckets = new GradientBuckets(Model, _gradients!, _dataParallel, (long)(_spec.Cluster.BucketMegabytes * 1_000_000), _spec.Cluster.Overlap);
+                // A pipeline interleaves micro-batches' forwards and backwards: its buckets start after the schedule.
+                _buckets = new GradientBuckets(Model, _gradients!, _dataParallel, (long)(_spec.Cluster.BucketMegabytes * 1_000_000),
+                    _spec.Cluster.Overlap && _pipeline is null);
             }
         }
         finally
@@ -102,11 +116,12 @@ public sealed class Trainer : IDisposable
     public int DataParallelRank => _dataParallel?.Rank ?? 0;
     public int DataParallelSize => _dataParallel?.Size ?? 1;
     public int TensorParallelRank => _tensorParallel?.Rank ?? 0;
+    public PipelineStage Stage => _stage;
     public int Rank => _groups?.Rank ?? 0;
     public int WorldSize => _groups?.Layout.World ?? 1;
 
-    /// <summary>The rank that writes metrics and evaluations (every rank writes its checkpoint shard).</summary>
-    public bool IsLeader => Rank == 0;
+    /// <summary>The rank that writes metrics and evaluations: TP rank 0 of DP rank 0 on the last stage, which has the loss (every rank writes its checkpoint shard).</summary>
+    public bool IsLeader => Rank == (_groups?.Layout.ReportingRank ?? 0);
     public CharTokenizer Tokenizer => _corpus.Tokenizer;
     public AdamW Optimizer => _optimizer;
 
@@ -171,15 +186,27 @@ public sealed class Trainer : IDisposable
         Model.Module.train();
         // Dropout masks are a pure function of (seed, step, coordinates), so a resumed run draws the same ones: replicated
         // regions by the data-parallel rank (alike on every TP rank), TP-split regions by the TP rank too.
-        Model.SeedDropout((long)(Seeds.Derive(_spec.Seed, Seeds.DropoutStream, Step, DataParallelRank) >> 1),
-            (long)(Seeds.Derive(_spec.Seed, Seeds.TensorParallelDropoutStream, Step, ((long)DataParallelRank << 32) | (uint)TensorParallelRank) >> 1));
+        long stageAndDp = ((long)_stage.Index << 32) | (uint)DataParallelRank;   // the data-parallel rank alone without a pipeline
+        Model.SeedDropout((long)(Seeds.Derive(_spec.Seed, Seeds.DropoutStream, Step, stageAndDp) >> 1),
+            (long)(Seeds.Derive(_spec.Seed, Seeds.TensorParallelDropoutStream, Step, stageAndDp ^ ((long)TensorParallelRank << 48)) >> 1));
         double learningRate = LearningRateSchedule.At(_spec.Optimizer, Step);
         int accum = _spec.Train.GradAccum;
         double loss = 0;
         // One deadline for the step's gradient collectives, which may start while backward runs.
         using var deadline = CollectiveDeadline();
-        if (_tensorParallel is not null) _tensorParallel.Cancellation = deadline.Token;
-        for (int micro = 0; micro < accum; micro++)
+        SetDeadline(deadline.Token);
+        if (_pipeline is not null)
+        {
+            _buckets?.BeginMicroBatch(final: true, deadline.Token);
+            int micro = _pipeline.MicroBatches;
+            loss = _pipeline.TrainStep(m =>
+            {
+                var (first, count) = BatchSampler.Slice(_spec.Train.BatchSize, DataParallelRank, DataParallelSize, m, micro);
+                return Batch(_trainSampler, Step, first, count);
+            }, deadline.Token);
+            _buckets?.SetLoss(loss);
+        }
+        else for (int micro = 0; micro < accum; micro++)
         {
             var (first, count) = BatchSampler.Slice(_spec.Train.BatchSize, DataParallelRank, DataParallelSize, micro, accum);
             var (x, y) = Batch(_trainSampler, Step, first, count);
@@ -202,6 +229,7 @@ public sealed class Trainer : IDisposable
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }
+        SumTiedEmbeddingGradients();
         double gradNorm = ClipGradients(deadline.Token);
         _optimizer.Step(learningRate);
         if (_buckets is not null) _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
@@ -222,15 +250,37 @@ public sealed class Trainer : IDisposable
     double ClipGradients(CancellationToken deadline)
     {
         var all = Model.Parameters.Select(p => (Tensor)p.Tensor).ToList();
-        if (_tensorParallel is not { } tp) return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip);
-        var counted = Model.Parameters.Where(p => !p.IsReplicated || tp.Rank == 0).Select(p => (Tensor)p.Tensor);
+        if (_modelParallel is not { } group) return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip);
+        var counted = Model.Parameters.Where(p => (!p.IsReplicated || TensorParallelRank == 0) && !IsTiedCopy(p)).Select(p => (Tensor)p.Tensor);
         double Reduce(double squared)
         {
             using var sum = tensor(new[] { (float)squared });
-            tp.AllReduce(sum, ReduceOp.Sum);
+            group.AllReduce(sum, ReduceOp.Sum);
             return sum.item<float>();
         }
         return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip, Reduce, counted);
+    }
+
+    /// <summary>The last stage's copy of the tied embedding (the first stage's counts in the norm and is written to checkpoints).</summary>
+    bool IsTiedCopy(ModelParameter p) => _stage is { IsLast: true, IsFirst: false } && p.Name == TiedEmbedding;
+
+    const string TiedEmbedding = "wte.weight";
+
+    /// <summary>
+    /// The tied embedding lives on the first stage (lookup) and the last (head): each copy got part of the gradient,
+    /// so the pair sums them (Megatron's embedding group) and both take the same step, staying bit-identical.
+    /// </summary>
+    void SumTiedEmbeddingGradients()
+    {
+        if (_embedding is null) return;
+        var grad = Model.Parameters.Single(p => p.Name == TiedEmbedding).Tensor.grad
+            ?? throw new InvalidOperationException($"the tied embedding on {_stage} has no gradient");
+        _embedding.AllReduce(grad, ReduceOp.Sum);
+    }
+
+    void SetDeadline(CancellationToken token)
+    {
+        foreach (var group in new[] { _tensorParallel, _modelParallel, _embedding }) if (group is not null) group.Cancellation = token;
     }
 
     /// <summary>
@@ -240,8 +290,8 @@ public sealed class Trainer : IDisposable
     public EvalResult Evaluate()
     {
         Model.Module.eval();
-        using var deadline = CollectiveDeadline(Math.Max(1, _spec.Train.EvalIters * 2 * (3 + 2 * _spec.Model.Layers)));
-        if (_tensorParallel is not null) _tensorParallel.Cancellation = deadline.Token;
+        using var deadline = CollectiveDeadline(Math.Max(1, _spec.Train.EvalIters * 2 * (5 + 2 * _spec.Model.Layers)));
+        SetDeadline(deadline.Token);
         double Sum(BatchSampler sampler)
         {
             using var noGrad = no_grad();
@@ -250,7 +300,7 @@ public sealed class Trainer : IDisposable
             {
                 using var scope = NewDisposeScope();
                 var (x, y) = Batch(sampler, i, 0, _spec.Train.BatchSize);
-                sum += Model.Loss(x, y).item<float>();
+                sum += _pipeline is null ? Model.Loss(x, y).item<float>() : _pipeline.Loss(x, y, deadline.Token);
             }
             return sum;
         }
@@ -345,7 +395,9 @@ public sealed class Trainer : IDisposable
         var metadata = StateMetadata();
         metadata["shard"] = $"{Rank}/{WorldSize}";
         // Replicated tensors are written by TP rank 0 only; each DP group deals its TP rank's tensors between its ranks.
-        var mine = StateTensors().Where(e => e.Slice is not null || TensorParallelRank == 0).ToList();
+        // ... and the first stage alone writes the tied embedding (and its moments): the last stage's is the same.
+        bool tiedCopy = _stage is { IsLast: true, IsFirst: false };
+        var mine = StateTensors().Where(e => (e.Slice is not null || TensorParallelRank == 0) && !(tiedCopy && e.Name.EndsWith("." + TiedEmbedding, StringComparison.Ordinal))).ToList();
         _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), Rank, WorldSize,
             CheckpointFiles.ShardOf(mine, DataParallelRank, DataParallelSize), metadata, copy);
     }

@@ -60,8 +60,9 @@ public class ParallelLayoutTests
         Assert.Contains("model.n-embd (42) must be divisible by tp (4)", error.Message);
         var batch = Assert.Throws<ConfigException>(() => ParallelLayout.For(TestSupport.TinyJob("unused", "train.batch-size=4", "model.n-head=2", "parallel.tp=2"), 6));
         Assert.Contains("train.batch-size (4) must be divisible by dp x train.grad-accum (3 x 1)", batch.Message);
-        var pipeline = Assert.Throws<ConfigException>(() => ParallelLayout.For(TestSupport.TinyJob("unused", "parallel.pp=2"), 2));
-        Assert.Contains("parallel.pp (2) must be 1", pipeline.Message);
+        var pipeline = Assert.Throws<ConfigException>(() => ParallelLayout.For(TestSupport.TinyJob("unused", "parallel.pp=3", "parallel.micro-batches=3"), 3));
+        Assert.Contains("parallel.pp (3) must not exceed model.n-layer (2)", pipeline.Message);
+        Assert.Contains("train.batch-size / dp = 4) must be divisible by parallel.micro-batches (3)", pipeline.Message);
     }
 
     [Fact]

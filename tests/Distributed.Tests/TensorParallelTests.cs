@@ -171,7 +171,8 @@ public class TensorParallelTests
         {
             ProcessGroup G(ParallelAxis axis) => new(l, ParallelLayout.GroupId(axis), layout.Group(axis, rank));
             var data = G(ParallelAxis.Data);
-            var groups = new Distributed.Training.TrainerGroups(layout, rank, data, data, G(ParallelAxis.Tensor));
+            var groups = new Distributed.Training.TrainerGroups(layout, rank, data, data, G(ParallelAxis.Tensor), G(ParallelAxis.Pipeline), null,
+                new ProcessGroup(l, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank)));
             using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
             var values = Enumerable.Range(0, 3).SelectMany(_ => { var m = t.TrainStep(); return new[] { m.Loss, m.GradNorm }; }).ToArray();
             var replicated = t.Model.Parameters.Where(p => p.IsReplicated).ToDictionary(p => p.Name, p => p.Tensor.detach().clone());

@@ -135,18 +135,22 @@ public sealed class ParallelBlock : Module<Tensor, Tensor>
 /// forward and two backward; the tied head and the loss are vocab-parallel (three small all-reduces, no gathered
 /// logits). Every rank first builds the single process's full model from the seed and keeps its slices, so any tp
 /// starts exactly where tp=1 does. Parameter names are the single-process ones.
+/// With a pipeline, a rank builds only its <see cref="PipelineStage"/>: its blocks, the token embedding on the first
+/// stage (with the position embedding) and on the last (the tied head), the final LayerNorm on the last.
 /// </summary>
 public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
 {
-    readonly VocabParallelEmbedding wte;
-    readonly Embedding wpe;
+    readonly VocabParallelEmbedding? wte;
+    readonly Embedding? wpe;
     readonly ModuleList<ParallelBlock> h;
-    readonly LayerNorm ln_f;
+    readonly LayerNorm? ln_f;
     readonly TensorParallelGroup _group;
     readonly Dictionary<string, TensorSlice> _slices = [];
 
-    public ParallelGpt(ModelSpec spec, int vocabSize, long seed, TensorParallelGroup group) : base(nameof(ParallelGpt))
+    public ParallelGpt(ModelSpec spec, int vocabSize, long seed, TensorParallelGroup group, PipelineStage? stage = null) : base(nameof(ParallelGpt))
     {
+        stage ??= PipelineStage.Whole;
+        Stage = stage = stage with { Layers = Math.Min(stage.Layers, spec.Layers - stage.FirstLayer) };
         if (spec.Heads % group.Size != 0 || spec.Embedding % group.Size != 0)
             throw new ConfigException($"model.n-head ({spec.Heads}) and model.n-embd ({spec.Embedding}) must be divisible by tp ({group.Size})");
         Spec = spec;
@@ -154,13 +158,23 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
         _group = group;
         using var reference = new Gpt(spec, vocabSize, seed);
         var full = reference.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
-        wte = Register("wte", new VocabParallelEmbedding(full["wte.weight"], group, Use));
-        wpe = Replica(Embedding(spec.BlockSize, spec.Embedding), "wpe.", full);
-        h = new ModuleList<ParallelBlock>(Enumerable.Range(0, spec.Layers).Select(i => new ParallelBlock(this, $"h.{i}.", full, group)).ToArray());
-        ln_f = Replica(LayerNorm(spec.Embedding, bias: spec.Bias), "ln_f.", full);
+        if (stage.IsFirst || stage.IsLast) wte = Register("wte", new VocabParallelEmbedding(full["wte.weight"], group, Use));
+        if (stage.IsFirst) wpe = Replica(Embedding(spec.BlockSize, spec.Embedding), "wpe.", full);
+        h = new ModuleList<ParallelBlock>(Enumerable.Range(stage.FirstLayer, stage.Layers).Select(i => new ParallelBlock(this, $"h.{i}.", full, group)).ToArray());
+        if (stage.IsLast) ln_f = Replica(LayerNorm(spec.Embedding, bias: spec.Bias), "ln_f.", full);
         RegisterComponents();
-        Parameters = named_parameters().Select(p => new ModelParameter(p.name, p.parameter, _slices.GetValueOrDefault(p.name))).ToList();
+        Parameters = named_parameters().Select(p => GlobalName((p.name, p.parameter))).Select(p => new ModelParameter(p.Name, p.Tensor, _slices.GetValueOrDefault(p.Name))).ToList();
+
+        // The module list numbers a stage's blocks from 0; checkpoints and the optimizer know them by their place in the model.
+        (string Name, Parameter Tensor) GlobalName((string name, Parameter parameter) p)
+        {
+            if (!p.name.StartsWith("h.", StringComparison.Ordinal)) return (p.name, p.parameter);
+            int dot = p.name.IndexOf('.', 2);
+            return ($"h.{int.Parse(p.name[2..dot], System.Globalization.CultureInfo.InvariantCulture) + stage.FirstLayer}{p.name[dot..]}", p.parameter);
+        }
     }
+
+    public PipelineStage Stage { get; }
 
     public ModelSpec Spec { get; }
     public int VocabSize { get; }
@@ -201,21 +215,38 @@ public sealed class ParallelGpt : Module<Tensor, Tensor>, ILanguageModel
         TensorParallelDropout.Reseed(tensorParallel);
     }
 
-    /// <summary>This rank's columns of the logits [B, T, padded vocab / tp].</summary>
-    public override Tensor forward(Tensor idx)
+    /// <summary>This rank's columns of the logits [B, T, padded vocab / tp] (the whole model on one stage).</summary>
+    public override Tensor forward(Tensor idx) => StageForward(idx);
+
+    /// <summary>
+    /// This stage's part of forward: token ids [B, T] (first stage) or the previous stage's hidden states [B, T, C] in;
+    /// hidden states out, or on the last stage this rank's logits.
+    /// </summary>
+    public Tensor StageForward(Tensor input)
     {
-        long t = idx.shape[1];
-        if (t > Spec.BlockSize) throw new ArgumentException($"sequence length {t} exceeds block size {Spec.BlockSize}");
-        using var pos = arange(t, dtype: ScalarType.Int64, device: idx.device);
-        var x = SharedDropout.Drop(wte.forward(idx) + Use.Embedding(wpe, pos), Spec.Dropout, training);
+        var x = input;
+        if (Stage.IsFirst)
+        {
+            long t = input.shape[1];
+            if (t > Spec.BlockSize) throw new ArgumentException($"sequence length {t} exceeds block size {Spec.BlockSize}");
+            using var pos = arange(t, dtype: ScalarType.Int64, device: input.device);
+            x = SharedDropout.Drop(wte!.forward(input) + Use.Embedding(wpe!, pos), Spec.Dropout, training);
+        }
         foreach (var block in h) x = block.forward(x);
-        return wte.Logits(Use.LayerNorm(ln_f, x));
+        return Stage.IsLast ? wte!.Logits(Use.LayerNorm(ln_f!, x)) : x;
+    }
+
+    /// <summary>Mean cross-entropy of the last stage's logits (vocab-parallel).</summary>
+    public Tensor StageLoss(Tensor logits, Tensor targets)
+    {
+        if (!Stage.IsLast) throw new InvalidOperationException($"the loss is computed on the last stage; this is {Stage}");
+        return VocabParallelCrossEntropy.Loss(logits.view(-1, logits.shape[^1]), targets.view(-1), wte!.Start, _group);
     }
 
     public Tensor Loss(Tensor idx, Tensor targets)
     {
-        var logits = forward(idx);
-        return VocabParallelCrossEntropy.Loss(logits.view(-1, logits.shape[^1]), targets.view(-1), wte.Start, _group);
+        if (!Stage.IsFirst || !Stage.IsLast) throw new InvalidOperationException($"Loss needs the whole model; this is {Stage}: run the pipeline schedule");
+        return StageLoss(forward(idx), targets);
     }
 
     protected override void Dispose(bool disposing)
