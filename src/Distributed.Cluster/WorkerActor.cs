@@ -125,17 +125,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 faults.Attach(links);
                 var layout = ParallelLayout.For(spec, assignment.Endpoints.Count);
                 var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds), Kernels = kernels };
-                ProcessGroup GroupAlong(ParallelAxis axis, CollectiveOptions? with = null, int? id = null) =>
-                    new(links, id ?? ParallelLayout.GroupId(axis), layout.Group(axis, rank), with ?? options);
-                var dataParallel = GroupAlong(ParallelAxis.Data);
-                // Compressed gradients get a group of their own, so weights, losses and evaluations stay exact.
-                var gradients = spec.Cluster.Compression == "bf16"
-                    ? GroupAlong(ParallelAxis.Data, options with { Compression = Compression.BFloat16 }, ParallelLayout.CompressedDataGroupId)
-                    : dataParallel;
-                var embedding = layout.EmbeddingGroup(rank);
-                var groups = new TrainerGroups(layout, rank, dataParallel, gradients, GroupAlong(ParallelAxis.Tensor), GroupAlong(ParallelAxis.Pipeline),
-                    embedding.Length > 0 ? new ProcessGroup(links, (int)SpanningGroup.Embedding, embedding, options) : null,
-                    new ProcessGroup(links, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank), options));
+                var groups = TrainerGroups.Create(links, layout, rank, options, compressGradients: spec.Cluster.Compression == "bf16");
                 logger.LogInformation("Rank {Rank} is at {Coordinates} of {Layout}, {Stage}: TP group [{Tensor}], DP group [{Data}], pipeline [{Pipeline}]",
                     rank, groups.Coordinates, layout, layout.StageOf(rank, spec.Model.Layers), string.Join(", ", layout.Group(ParallelAxis.Tensor, rank)),
                     string.Join(", ", layout.Group(ParallelAxis.Data, rank)), string.Join(", ", layout.Group(ParallelAxis.Pipeline, rank)));

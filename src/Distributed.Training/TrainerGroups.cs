@@ -14,4 +14,19 @@ public sealed record TrainerGroups(ParallelLayout Layout, int Rank, IProcessGrou
     IProcessGroup Pipeline, IProcessGroup? Embedding, IProcessGroup ModelParallel)
 {
     public RankCoordinates Coordinates => Layout.Coordinates(Rank);
+
+    /// <summary>Every group of <paramref name="rank"/> in <paramref name="layout"/>, over one set of links (a group id per axis).</summary>
+    /// <param name="compressGradients">gradients travel as bfloat16 in a data-parallel group of their own, so weights, losses and evaluations stay exact</param>
+    public static TrainerGroups Create(PeerLinks links, ParallelLayout layout, int rank, CollectiveOptions options, bool compressGradients = false)
+    {
+        ProcessGroup Along(ParallelAxis axis) => new(links, ParallelLayout.GroupId(axis), layout.Group(axis, rank), options);
+        var data = Along(ParallelAxis.Data);
+        var gradients = compressGradients
+            ? new ProcessGroup(links, ParallelLayout.CompressedDataGroupId, layout.Group(ParallelAxis.Data, rank), options with { Compression = Compression.BFloat16 })
+            : data;
+        var embedding = layout.EmbeddingGroup(rank);
+        return new TrainerGroups(layout, rank, data, gradients, Along(ParallelAxis.Tensor), Along(ParallelAxis.Pipeline),
+            embedding.Length > 0 ? new ProcessGroup(links, (int)SpanningGroup.Embedding, embedding, options) : null,
+            new ProcessGroup(links, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank), options));
+    }
 }

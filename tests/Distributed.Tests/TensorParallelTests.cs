@@ -160,27 +160,53 @@ public class TensorParallelTests
             for (int i = 0; i < single.Length; i++) Assert.True(Math.Abs(values[i] - single[i]) <= 1e-5 * Math.Abs(single[i]), $"value {i}: {values[i]} vs one process {single[i]}");
     }
 
-    static async Task<(double[] values, Dictionary<string, Tensor> replicated)[]> TrainTensorParallel(JobSpec spec)
-    {
-        var layout = ParallelLayout.For(spec, 2);
-        var nodes = await Task.WhenAll(Enumerable.Range(0, 2).Select(_ => DataPlaneNode.StartAsync()));
-        var endpoints = nodes.Select(n => n.Endpoint).ToArray();
-        for (int r = 0; r < 2; r++) nodes[r].BeginGeneration(1, r);
-        var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
-        var results = await Task.WhenAll(links.Select((l, rank) => Task.Factory.StartNew(() =>
+    static async Task<(double[] values, Dictionary<string, Tensor> replicated)[]> TrainTensorParallel(JobSpec spec) =>
+        await TrainInProcess(spec, 2, t =>
         {
-            ProcessGroup G(ParallelAxis axis) => new(l, ParallelLayout.GroupId(axis), layout.Group(axis, rank));
-            var data = G(ParallelAxis.Data);
-            var groups = new Distributed.Training.TrainerGroups(layout, rank, data, data, G(ParallelAxis.Tensor), G(ParallelAxis.Pipeline), null,
-                new ProcessGroup(l, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank)));
-            using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
             var values = Enumerable.Range(0, 3).SelectMany(_ => { var m = t.TrainStep(); return new[] { m.Loss, m.GradNorm }; }).ToArray();
-            var replicated = t.Model.Parameters.Where(p => p.IsReplicated).ToDictionary(p => p.Name, p => p.Tensor.detach().clone());
-            return (values, replicated);
-        }, TaskCreationOptions.LongRunning)));
-        foreach (var l in links) await l.DisposeAsync();
-        foreach (var n in nodes) await n.DisposeAsync();
-        return results;
+            return (values, t.Model.Parameters.Where(p => p.IsReplicated).ToDictionary(p => p.Name, p => p.Tensor.detach().clone()));
+        });
+
+    /// <summary>Trainers of every rank of the layout, each on its own thread, joined over shared memory as the worker joins them.</summary>
+    internal static async Task<T[]> TrainInProcess<T>(JobSpec spec, int world, Func<Distributed.Training.Trainer, T> work)
+    {
+        var layout = ParallelLayout.For(spec, world);
+        var nodes = await Task.WhenAll(Enumerable.Range(0, world).Select(_ => DataPlaneNode.StartAsync()));
+        var endpoints = nodes.Select(n => n.Endpoint).ToArray();
+        for (int r = 0; r < world; r++) nodes[r].BeginGeneration(1, r);
+        var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
+        try
+        {
+            return await Task.WhenAll(links.Select((l, rank) => Task.Factory.StartNew(() =>
+            {
+                var groups = Distributed.Training.TrainerGroups.Create(l, layout, rank, new CollectiveOptions());
+                using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
+                return work(t);
+            }, TaskCreationOptions.LongRunning)));
+        }
+        finally
+        {
+            foreach (var l in links) await l.DisposeAsync();
+            foreach (var n in nodes) await n.DisposeAsync();
+        }
+    }
+
+    /// <summary>
+    /// The tied embedding lives on the first stage (lookup) and the last (head); its two copies start equal and must
+    /// stay bit-identical after every step (their gradients are summed over the embedding group).
+    /// </summary>
+    [Fact]
+    public async Task TheTiedEmbeddingsTwoCopiesStayBitIdenticalAfterEveryStep()
+    {
+        var spec = TestSupport.TinyJob(TestSupport.TempDir("pp-tied"), "parallel.pp=2", "parallel.micro-batches=2");
+        var copies = await TrainInProcess(spec, 2, t => Enumerable.Range(0, 4).Select(_ =>
+        {
+            t.TrainStep();
+            return t.Model.Parameters.Single(p => p.Name == "wte.weight").Tensor.detach().clone();
+        }).ToList());
+        for (int step = 0; step < 4; step++)
+            Assert.True(copies[0][step].eq(copies[1][step]).all().item<bool>(), $"step {step + 1}: the first and the last stage's wte differ");
+        Assert.False(copies[0][0].eq(copies[0][3]).all().item<bool>(), "the embedding did not train");
     }
 
     [Fact]
