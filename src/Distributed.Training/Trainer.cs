@@ -139,6 +139,8 @@ public sealed class Trainer : IDisposable
         // Flushed every line, so `tail -f metrics.jsonl` follows the run and a killed run keeps every step it logged.
         using var metrics = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "metrics.jsonl"), append: true) { AutoFlush = true } : StreamWriter.Null;
         using var evals = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "eval.jsonl"), append: true) : StreamWriter.Null;
+        // Every stage's own timing (the bubble is per stage: bench/pipeline reads these).
+        using var stageTimes = _pipeline is null ? StreamWriter.Null : OpenStageTimes();
         // Read on this thread: OpenMP's thread count is a per-thread setting, and this is the thread that trains.
         _logger.LogInformation("Training on thread '{Thread}' with {IntraOp} intra-op and {InterOp} inter-op torch threads",
             Thread.CurrentThread.Name ?? "main", torch.get_num_threads(), torch.get_num_interop_threads());
@@ -157,6 +159,12 @@ public sealed class Trainer : IDisposable
                 wall_time = Math.Round((DateTime.UtcNow - DateTime.UnixEpoch).TotalSeconds, 6),   // when the step ended, seconds since 1970 (UTC)
             }));
             observer.OnStep(m);
+            if (_pipeline is not null)
+                stageTimes.WriteLine(JsonSerializer.Serialize(new
+                {
+                    step = m.Step, stage = _stage.Index, step_ms = Math.Round(m.StepMs, 3), wait_ms = Math.Round(_pipeline.Waiting.TotalMilliseconds, 3),
+                    peak_in_flight = _pipeline.PeakInFlight, peak_rss_bytes = Environment.WorkingSet > 0 ? Process.GetCurrentProcess().PeakWorkingSet64 : 0,
+                }));
 
             if (Step % _spec.Train.EvalInterval == 0 || Step == _spec.Train.MaxIters)
             {
@@ -175,6 +183,13 @@ public sealed class Trainer : IDisposable
         _checkpoints.Wait();
         AnnounceCommits(observer);
         return lastEval;
+    }
+
+    StreamWriter OpenStageTimes()
+    {
+        string dir = Path.Combine(_spec.RunDir, "pipeline");
+        Directory.CreateDirectory(dir);
+        return new StreamWriter(Path.Combine(dir, $"rank-{Rank}.jsonl"), append: true) { AutoFlush = true };
     }
 
     /// <summary>One optimizer step over the whole global batch (this rank's slice, accumulating micro-batches).</summary>

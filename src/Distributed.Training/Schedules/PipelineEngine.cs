@@ -19,6 +19,9 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
     /// <summary>Time spent waiting for neighbours in the last step (receives and sends): the bubble plus transfers.</summary>
     public TimeSpan Waiting { get; private set; }
 
+    /// <summary>The most micro-batches whose activations were alive at once in the last step.</summary>
+    public int PeakInFlight { get; private set; }
+
     /// <summary>
     /// Forward and backward of every micro-batch of one step; gradients accumulate in the parameters' .grad. Returns the
     /// sum of the micro-batch losses, each scaled by 1/M (on the last stage; 0 elsewhere).
@@ -29,7 +32,8 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
         var inputs = new Tensor?[microBatches];
         var outputs = new Tensor?[microBatches];
         double loss = 0;
-        Waiting = TimeSpan.Zero;
+        int inFlight = 0;
+        (Waiting, PeakInFlight) = (TimeSpan.Zero, 0);
         foreach (var pass in PipelineSchedule.Passes(schedule, stage.Index, stage.Count, microBatches))
         {
             int m = pass.MicroBatch;
@@ -45,6 +49,7 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
                 }
                 else Send(stage.Index + 1, output, deadline);
                 (inputs[m], outputs[m]) = (input, output);
+                PeakInFlight = Math.Max(PeakInFlight, ++inFlight);
             }
             else
             {
@@ -54,6 +59,7 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
                 tensorParallel.ThrowIfFailed();
                 if (!stage.IsFirst) Send(stage.Index - 1, inputs[m]!.grad!, deadline);
                 (inputs[m], outputs[m]) = (null, null);   // this micro-batch's activations may go
+                inFlight--;
             }
         }
         return loss;
