@@ -110,24 +110,6 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
         AssertMatches(reference.Single, dir, "dp=2 x tp=2 x pp=2", lastStep: 25);
     }
 
-    [Fact]
-    public void ACheckpointOfTp2Pp2ResumesAsOneProcessAndAsDp4()
-    {
-        string at25 = ModelParallelReference.Checkpoint(reference.Pipeline, 25);
-        string single = TestSupport.TempDir("reshard-pp-tp1");
-        using (var trainer = new Trainer(TestSupport.TinyJob(single, ModelParallelReference.Job), TestSupport.Logger, at25))
-        {
-            Assert.Equal(25, trainer.Step);
-            trainer.Run(new Quiet());
-        }
-        AssertMatches(reference.Single, single, "tp=2 x pp=2 resumed as one process", fromStep: 26);
-
-        string dp4 = TestSupport.TempDir("reshard-pp-dp4");
-        var run = TestSupport.RunCli(dp4, [.. TestSupport.TrainArgs(dp4, 4, ModelParallelReference.Job), "--resume", at25]);
-        Assert.True(run.ExitCode == 0, $"resumed as dp=4: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
-        AssertMatches(reference.Single, dp4, "tp=2 x pp=2 resumed as dp=4", fromStep: 26);
-    }
-
     /// <summary>Two faults in one run (one run of 4 workers is the costly part): the last stage killed, then the link between the stages cut.</summary>
     [Fact]
     public void FaultsInATp2Pp2JobRecoverAndItEndsByteIdentical()
@@ -141,33 +123,25 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
         Assert.True(comparison.Identical, comparison.Difference);
     }
 
-    [Fact]
-    public void ACheckpointOfDp2Tp2ResumesAsOneProcessAndAsTp4()
+    /// <summary>A checkpoint of one layout resumed as one process and as a cluster of another layout: both continue as the uninterrupted single process does.</summary>
+    [Theory]
+    [InlineData("dp=2 x tp=2", 4, "parallel.tp=4")]
+    [InlineData("tp=2 x pp=2", 4, "parallel.tp=1")]   // as dp=4
+    public void ACheckpointResumesAsOneProcessAndOnAnotherLayout(string written, int workers, string layout)
     {
-        string at25 = ModelParallelReference.Checkpoint(reference.Grid, 25);
+        string at25 = ModelParallelReference.Checkpoint(written == "dp=2 x tp=2" ? reference.Grid : reference.Pipeline, 25);
         string single = TestSupport.TempDir("reshard-tp1");
         using (var trainer = new Trainer(TestSupport.TinyJob(single, ModelParallelReference.Job), TestSupport.Logger, at25))
         {
             Assert.Equal(25, trainer.Step);
             trainer.Run(new Quiet());
         }
-        AssertMatches(reference.Single, single, "dp=2 x tp=2 resumed as one process", fromStep: 26);
+        AssertMatches(reference.Single, single, $"{written} resumed as one process", fromStep: 26);
 
-        string tp4 = TestSupport.TempDir("reshard-tp4");
-        var run = TestSupport.RunCli(tp4, [.. TestSupport.TrainArgs(tp4, 4, ModelParallelReference.Job.Append("parallel.tp=4")), "--resume", at25]);
-        Assert.True(run.ExitCode == 0, $"resumed as tp=4: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
-        AssertMatches(reference.Single, tp4, "dp=2 x tp=2 resumed as tp=4", fromStep: 26);
-    }
-
-    [Fact]
-    public void AKilledRankOfADp2Tp2JobRecoversAndEndsByteIdentical()
-    {
-        string dir = TestSupport.TempDir("tp-fault");
-        var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, 4, ModelParallelReference.Job.Append("parallel.tp=2")), "--fault", "kill-worker:1@30"]);
-        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
-        Assert.Contains("Recovering from the last commit", run.Stdout + run.Stderr);
-        var comparison = CheckpointFiles.Compare(ModelParallelReference.Checkpoint(reference.Grid, 50), ModelParallelReference.Checkpoint(dir, 50));
-        Assert.True(comparison.Identical, comparison.Difference);
+        string other = TestSupport.TempDir("reshard");
+        var run = TestSupport.RunCli(other, [.. TestSupport.TrainArgs(other, workers, ModelParallelReference.Job.Append(layout)), "--resume", at25]);
+        Assert.True(run.ExitCode == 0, $"{written} resumed with {layout} on {workers} workers: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        AssertMatches(reference.Single, other, $"{written} resumed with {layout} on {workers} workers", fromStep: 26);
     }
 
     [Fact]
