@@ -5,7 +5,8 @@ namespace Distributed.Core;
 /// and how a pipeline runs a step: <c>parallel.micro-batches</c> per data-parallel rank, <c>parallel.schedule</c>
 /// (gpipe or 1f1b).
 /// </summary>
-public sealed record ParallelSpec(int Tp, int Pp, int MicroBatches = 1, string Schedule = "1f1b")
+/// <c>parallel.shard-optimizer</c> shards the AdamW moments over the data-parallel group (ZeRO-1).
+public sealed record ParallelSpec(int Tp, int Pp, int MicroBatches = 1, string Schedule = "1f1b", bool ShardOptimizer = false)
 {
     public static readonly ParallelSpec None = new(1, 1);
 }

@@ -37,6 +37,8 @@ public sealed class Trainer : IDisposable
     readonly TensorParallelGroup? _tensorParallel, _embedding, _modelParallel;
     readonly PipelineStage _stage;
     readonly PipelineEngine? _pipeline;
+    // ZeRO-1: the data-parallel rank that keeps each parameter's moments and steps it (null: every rank steps all).
+    readonly Dictionary<string, int>? _optimizerOwner;
     readonly ShardWriter _checkpoints;
     readonly LocalCommit? _localCommit;
     readonly GradientBuckets? _buckets;
@@ -85,7 +87,9 @@ public sealed class Trainer : IDisposable
                 : new ParallelGpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed, _tensorParallel, _stage);
             if (groups is { Layout.Pp: > 1 })
                 _pipeline = new PipelineEngine((ParallelGpt)Model, groups.Pipeline, _tensorParallel!, spec.Parallel.Schedule, spec.Parallel.MicroBatches);
-            _optimizer = new AdamW(Model.Parameters.Select(p => (p.Name, p.Tensor)), spec.Optimizer);
+            if (spec.Parallel.ShardOptimizer && DataParallelSize > 1) _optimizerOwner = DealOptimizerShards(Model.Parameters, DataParallelSize);
+            _optimizer = new AdamW(Model.Parameters.Where(p => _optimizerOwner is null || _optimizerOwner[p.Name] == DataParallelRank)
+                .Select(p => (p.Name, p.Tensor)), spec.Optimizer);
             if (checkpoint is not null)
             {
                 loading.Restart();
@@ -94,8 +98,9 @@ public sealed class Trainer : IDisposable
                     checkpoint.Path, Step, verifying.TotalMilliseconds, StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize),
                     loading.Elapsed.TotalMilliseconds);
             }
-            _logger.LogInformation("Rank {Rank} holds {Bytes:N0} bytes of weights and AdamW moments ({Elements:N0} parameters of the model's {Total:N0})",
-                Rank, Model.Parameters.Sum(p => p.Tensor.NumberOfElements) * 3 * sizeof(float), Model.Parameters.Sum(p => p.Tensor.NumberOfElements),
+            _logger.LogInformation("Rank {Rank} holds {Bytes:N0} bytes of weights and AdamW moments ({Moments:N0} of moments; {Elements:N0} parameters of the model's {Total:N0})",
+                Rank, (Model.Parameters.Sum(p => p.Tensor.NumberOfElements) + 2 * _optimizer.State.Sum(s => s.ExpAvg.NumberOfElements)) * sizeof(float),
+                2 * _optimizer.State.Sum(s => s.ExpAvg.NumberOfElements) * sizeof(float), Model.Parameters.Sum(p => p.Tensor.NumberOfElements),
                 Model.Parameters.Sum(p => p.Slice is { } s ? s.GlobalShape.Aggregate(1L, (a, b) => a * b) : p.Tensor.NumberOfElements));
             if (_dataParallel is { Size: > 1 }) SynchronizeWithRankZero();
             // A group of one has nothing to average: it trains exactly as the plain loop does.
@@ -185,6 +190,30 @@ public sealed class Trainer : IDisposable
         return lastEval;
     }
 
+    /// <summary>
+    /// ZeRO-1's partition, by whole parameters: dealt in order to the data-parallel rank with the fewest bytes so far
+    /// (the dealing checkpoints use), so every rank keeps about 1/dp of the moments. Gradients are still all-reduced
+    /// (every rank clips by the same full norm); the owner steps a parameter and broadcasts it.
+    /// </summary>
+    static Dictionary<string, int> DealOptimizerShards(IReadOnlyList<ModelParameter> parameters, int ranks)
+    {
+        var entries = parameters.Select(p => new StateEntry(p.Name, p.Tensor, p.Slice)).ToList();
+        var owner = new Dictionary<string, int>();
+        for (int r = 0; r < ranks; r++)
+            foreach (var e in CheckpointFiles.ShardOf(entries, r, ranks)) owner[e.Name] = r;
+        return owner;
+    }
+
+    /// <summary>ZeRO-1: every parameter from the rank that stepped it, so all ranks hold the same weights again.</summary>
+    void GatherShardedParameters(CancellationToken deadline)
+    {
+        foreach (var p in Model.Parameters)
+        {
+            var bytes = TensorBytes.Of(p.Tensor, p.Name);
+            Wait(_dataParallel!.BroadcastAsync(bytes.Memory(0, checked((int)bytes.Length)), _optimizerOwner![p.Name], deadline));
+        }
+    }
+
     StreamWriter OpenStageTimes()
     {
         string dir = Path.Combine(_spec.RunDir, "pipeline");
@@ -247,6 +276,7 @@ public sealed class Trainer : IDisposable
         SumTiedEmbeddingGradients();
         double gradNorm = ClipGradients(deadline.Token);
         _optimizer.Step(learningRate);
+        if (_optimizerOwner is not null) GatherShardedParameters(deadline.Token);
         if (_buckets is not null) _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
         else Model.Module.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
@@ -280,6 +310,7 @@ public sealed class Trainer : IDisposable
     bool IsTiedCopy(ModelParameter p) => _stage is { IsLast: true, IsFirst: false } && p.Name == TiedEmbedding;
 
     const string TiedEmbedding = "wte.weight";
+    const string OptimizerPrefix = "optim.";
 
     /// <summary>
     /// The tied embedding lives on the first stage (lookup) and the last (head): each copy got part of the gradient,
@@ -352,7 +383,9 @@ public sealed class Trainer : IDisposable
     /// </summary>
     void SynchronizeWithRankZero()
     {
-        var tensors = StateTensors().Select(s => TensorBytes.Of(s.Tensor, s.Name)).ToList();
+        // Under ZeRO-1 each rank's moments are its own (loaded from the checkpoint by their owner): only weights are shared.
+        var tensors = StateTensors().Where(s => _optimizerOwner is null || !s.Name.StartsWith(OptimizerPrefix, StringComparison.Ordinal))
+            .Select(s => TensorBytes.Of(s.Tensor, s.Name)).ToList();
         long[] counters = [Step, _optimizer.StepCount];
         var clock = Stopwatch.StartNew();
         byte[] hash = [];
@@ -382,8 +415,8 @@ public sealed class Trainer : IDisposable
         foreach (var p in Model.Parameters) list.Add(new StateEntry(CheckpointFiles.ModelPrefix + p.Name, p.Tensor, p.Slice));
         foreach (var (name, m, v) in _optimizer.State)
         {
-            list.Add(new StateEntry("optim.exp_avg." + name, m, slices[name]));
-            list.Add(new StateEntry("optim.exp_avg_sq." + name, v, slices[name]));
+            list.Add(new StateEntry(OptimizerPrefix + "exp_avg." + name, m, slices[name]));
+            list.Add(new StateEntry(OptimizerPrefix + "exp_avg_sq." + name, v, slices[name]));
         }
         return list;
     }
@@ -414,7 +447,12 @@ public sealed class Trainer : IDisposable
         bool tiedCopy = _stage is { IsLast: true, IsFirst: false };
         var mine = StateTensors().Where(e => (e.Slice is not null || TensorParallelRank == 0) && !(tiedCopy && e.Name.EndsWith("." + TiedEmbedding, StringComparison.Ordinal))).ToList();
         _checkpoints.Begin(Step, CheckpointFiles.DirectoryFor(CheckpointDirectory, Step), Rank, WorldSize,
-            CheckpointFiles.ShardOf(mine, DataParallelRank, DataParallelSize), metadata, copy);
+            _optimizerOwner is null
+                ? CheckpointFiles.ShardOf(mine, DataParallelRank, DataParallelSize)
+                // ZeRO-1: the weights dealt as always, each rank's moments written by that rank (the only one holding them).
+                : [.. CheckpointFiles.ShardOf(mine.Where(e => !e.Name.StartsWith(OptimizerPrefix, StringComparison.Ordinal)).ToList(), DataParallelRank, DataParallelSize),
+                   .. mine.Where(e => e.Name.StartsWith(OptimizerPrefix, StringComparison.Ordinal))],
+            metadata, copy);
     }
 
     /// <summary>Waits for the shard being written, if any.</summary>

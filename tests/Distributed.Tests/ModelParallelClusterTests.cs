@@ -100,6 +100,35 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
         AssertMatches(reference.Single, dir, $"{workers} workers, {string.Join(" ", layout)}");
     }
 
+    /// <summary>
+    /// ZeRO-1: each data-parallel rank keeps and steps the moments of its share of the parameters. The same result as
+    /// one process, each rank holding about half the moments, and its checkpoint (moments spread over the shards)
+    /// resumes as one process.
+    /// </summary>
+    [Theory]
+    [InlineData(2)]
+    [InlineData(4, "parallel.tp=2")]
+    public void AShardedOptimizerMatchesASingleProcessAndResumesAsOne(int workers, params string[] layout)
+    {
+        string dir = TestSupport.TempDir("zero1");
+        var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, workers, ModelParallelReference.Job.Concat(layout).Append("parallel.shard-optimizer=true")));
+        Assert.True(run.ExitCode == 0, $"ZeRO-1 on {workers} workers: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        AssertMatches(reference.Single, dir, $"ZeRO-1, {workers} workers {string.Join(" ", layout)}");
+        // Each rank logs the bytes of moments it keeps and the parameters it holds: unsharded, the moments are 2 floats a parameter.
+        var held = Directory.GetFiles(Path.Combine(dir, "logs"), "worker-*.log").SelectMany(File.ReadLines)
+            .Select(l => System.Text.RegularExpressions.Regex.Match(l, @"Rank (\d+) holds [\d,]+ bytes of weights and AdamW moments \(([\d,]+) of moments; ([\d,]+) parameters"))
+            .Where(m => m.Success).GroupBy(m => m.Groups[1].Value)
+            .Select(g => (Moments: long.Parse(g.First().Groups[2].Value.Replace(",", "")), Parameters: long.Parse(g.First().Groups[3].Value.Replace(",", "")))).ToList();
+        Assert.Equal(workers, held.Count);
+        foreach (var (moments, parameters) in held)
+            Assert.True(moments < 0.65 * 2 * parameters * sizeof(float), $"a rank keeps {moments:N0} bytes of moments for {parameters:N0} parameters: not sharded over dp=2");
+
+        string single = TestSupport.TempDir("zero1-resume");
+        using (var trainer = new Trainer(TestSupport.TinyJob(single, ModelParallelReference.Job), TestSupport.Logger, ModelParallelReference.Checkpoint(dir, 25)))
+            trainer.Run(new Quiet());
+        AssertMatches(reference.Single, single, "ZeRO-1 checkpoint resumed as one process", fromStep: 26);
+    }
+
     [Fact]
     public void TheFullGridDp2Tp2Pp2MatchesASingleProcess()
     {

@@ -62,6 +62,7 @@ public static class JobConfigLoader
         new("parallel.pp", Kind.Int, "1", 1, 1024),
         new("parallel.micro-batches", Kind.Int, "1", 1, 1 << 20),
         new("parallel.schedule", Kind.String, "1f1b"),
+        new("parallel.shard-optimizer", Kind.Bool, "false"),
         new("persistence.provider", Kind.String, "sqlite"),
         new("persistence.connection-string", Kind.String, ""),
         new("persistence.snapshot-every", Kind.Int, "20", 1, int.MaxValue),
@@ -132,7 +133,7 @@ public static class JobConfigLoader
             Persistence: new PersistenceSpec(S("persistence.provider"), Raw("persistence.connection-string"), I("persistence.snapshot-every")),
             Recovery: new RecoverySpec(I("recovery.max-restarts")))
         {
-            Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule")),
+            Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule"), B("parallel.shard-optimizer")),
         };
         spec.Validate();
         return spec;
@@ -154,7 +155,7 @@ public static class JobConfigLoader
             $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}",
             $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)}, " +
             $"kernels = {Q(spec.Cluster.Kernels)}, overlap = {(spec.Cluster.Overlap ? "true" : "false")} }}",
-            $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)} }}",
+            $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)}, shard-optimizer = {(spec.Parallel.ShardOptimizer ? "true" : "false")} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
             $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}") + "\n";
     }
