@@ -82,6 +82,9 @@ static class TrainCommand
         {
             File.Delete(Path.Combine(spec.RunDir, "metrics.jsonl"));
             File.Delete(Path.Combine(spec.RunDir, "eval.jsonl"));
+            // A fresh run's curves start over; a resumed one appends to them.
+            string tensorBoard = RunFiles.In(spec.RunDir, RunFiles.TensorBoard);
+            if (Directory.Exists(tensorBoard)) Directory.Delete(tensorBoard, recursive: true);
         }
 
         var clock = Stopwatch.StartNew();

@@ -124,6 +124,8 @@ public sealed class Trainer : IDisposable
         // Flushed every line, so `tail -f metrics.jsonl` follows the run and a killed run keeps every step it logged.
         using var metrics = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "metrics.jsonl"), append: true) { AutoFlush = true } : StreamWriter.Null;
         using var evals = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "eval.jsonl"), append: true) : StreamWriter.Null;
+        using var tensorBoard = Observability.TensorBoardLog.ForRun(_spec, IsLeader, _checkpoints);
+        observer = Observability.TrainingObservers.Combine(observer, tensorBoard);
         // Read on this thread: OpenMP's thread count is a per-thread setting, and this is the thread that trains.
         _logger.LogInformation("Training on thread '{Thread}' with {IntraOp} intra-op and {InterOp} inter-op torch threads",
             Thread.CurrentThread.Name ?? "main", torch.get_num_threads(), torch.get_num_interop_threads());
