@@ -82,6 +82,7 @@ static class TrainCommand
         {
             File.Delete(Path.Combine(spec.RunDir, "metrics.jsonl"));
             File.Delete(Path.Combine(spec.RunDir, "eval.jsonl"));
+            File.Delete(RunFiles.In(spec.RunDir, RunFiles.Commits));
             // A fresh run's curves start over; a resumed one appends to them.
             string tensorBoard = RunFiles.In(spec.RunDir, RunFiles.TensorBoard);
             if (Directory.Exists(tensorBoard)) Directory.Delete(tensorBoard, recursive: true);

@@ -136,8 +136,10 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 logger.LogInformation("Rank {Rank} is at {Coordinates} of {Layout}: TP group [{Tensor}], DP group [{Data}]", rank, groups.Coordinates, layout,
                     string.Join(", ", layout.Group(ParallelAxis.Tensor, rank)), string.Join(", ", layout.Group(ParallelAxis.Data, rank)));
                 var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
+                using var telemetry = WorkerTelemetry.Start(spec, _node, links, groups, options, gpuUsed: kernels.Description.Contains("Cuda", StringComparison.OrdinalIgnoreCase), cancellation);
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
-                trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
+                if (telemetry is not null) telemetry.TensorBytes = trainer.Model.Parameters.Sum(p => p.Tensor.NumberOfElements * p.Tensor.ElementSize) * 4;   // weights, gradients, 2 moments
+                trainer.Run(new Reporter(self, generation, rank, loading.Elapsed.TotalMilliseconds, faults, telemetry), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));
             }
             finally
@@ -169,10 +171,11 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>
-    /// Step reports go out from rank 0 only (the coordinator shows rank 0) and at most every 200 ms: a display needs no
-    /// more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps every step.
+    /// Step reports go out from rank 0 (the coordinator shows rank 0) at most every 200 ms: a display needs no
+    /// more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps every step. When the
+    /// job is watched, every rank also reports a sample every cluster.report-interval.
     /// </summary>
-    sealed class Reporter(IActorRef self, long generation, int rank, double loadMs, WorkerFaults faults) : ITrainingObserver
+    sealed class Reporter(IActorRef self, long generation, int rank, double loadMs, WorkerFaults faults, WorkerTelemetry? telemetry) : ITrainingObserver
     {
         static readonly TimeSpan ReportInterval = TimeSpan.FromMilliseconds(200);
         readonly System.Diagnostics.Stopwatch _sinceReport = new();
@@ -187,9 +190,11 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         public void OnStep(StepMetrics metrics)
         {
             faults.AfterStep(metrics.Step);
-            if (rank != 0 || (_sinceReport.IsRunning && _sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
-            _sinceReport.Restart();
-            self.Tell(new StepDone(generation, rank, metrics));
+            var sample = telemetry?.OnStep(metrics);
+            bool display = rank == 0 && (!_sinceReport.IsRunning || _sinceReport.Elapsed >= ReportInterval || metrics.Step == _lastStep);
+            if (!display && sample is null) return;
+            if (display) _sinceReport.Restart();
+            self.Tell(new StepDone(generation, rank, metrics, sample));
         }
 
         public void OnEval(EvalResult result) => self.Tell(new EvalDone(generation, rank, result));

@@ -76,6 +76,9 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
 
     public const int CompressedDataGroupId = 16;
 
+    /// <summary>The group of every rank that measures the links at a generation's start (Distributed.Comm.LinkProbe).</summary>
+    public const int LinkProbeGroupId = 17;
+
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
 
     /// <summary>

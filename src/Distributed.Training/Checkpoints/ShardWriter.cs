@@ -92,6 +92,7 @@ public sealed class LocalCommit(string checkpoints, int keep, Distributed.Core.J
     public void ShardWritten(long step, string directory, ShardRecord shard)
     {
         CheckpointFiles.WriteManifest(directory, CheckpointManifest.For(step, 0, [shard], job));
+        CommitLog.Append(job.RunDir, new CommitLog.Entry(step, 0, shard.Bytes, 0, DateTime.UtcNow));
         CheckpointFiles.Retain(checkpoints, keep);
         _committed.Enqueue((step, directory));
     }
