@@ -101,6 +101,7 @@ static class CoordinatorCommand
                 var options = new CoordinatorOptions(spec, count, plan, parse.GetValue(resumeFrom),
                     parse.GetValue(submission) ?? Guid.NewGuid().ToString("N"), CoordinatorPersistence.PersistenceId(spec.RunDir));
                 var coordinator = ClusterRoles.StartCoordinator(system, options, logger, reason => unrecoverable.TrySetResult(reason));
+                await using var observability = await ObservabilityServer.StartAsync(system, coordinator, spec, count, loggerFactory);
                 var events = JobEvents.Subscribe(system, coordinator);
                 var observer = new LogLineObserver(logger, spec.Train.LogInterval);
                 var parentGone = WorkerCommand.WaitForParentExit(parse.GetValue(parent), cancellationToken);
