@@ -126,6 +126,7 @@ static class CoordinatorCommand
                         case JobEvalReport e: observer.OnEval(e.Result); break;
                         case JobCompleted c:
                             logger.LogInformation("Job completed at step {Step}; final checkpoint {Path}", c.Step, c.FinalCheckpoint);
+                            if (parse.GetValue(parent) is null) RunPlot.TryWrite(spec.RunDir, logger);   // under `dtrain train` the launcher draws it
                             await Task.Delay(1000, cancellationToken);   // the workers' Shutdown messages leave first
                             return 0;
                         case JobFailed f:

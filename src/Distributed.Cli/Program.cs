@@ -9,6 +9,7 @@ var root = new RootCommand("dtrain: distributed training of GPT models on TorchS
     InspectCommand.Create(),
     ExportCommand.Create(),
     StatusCommand.Create(),
+    RunPlot.Create(),
     CoordinatorCommand.Create(),
     WorkerCommand.Create(),
     BenchCommand.Create(),

@@ -111,6 +111,7 @@ static class TrainCommand
                 ClusterJob.RunAsync(spec, workers, faults, faultSeed, from, observer, logger, cancellationToken).GetAwaiter().GetResult());
         }
 
+        RunPlot.TryWrite(spec.RunDir, logger);
         double seconds = clock.Elapsed.TotalSeconds;
         double tokensPerSecond = steps * spec.Train.BatchSize * spec.Model.BlockSize / Math.Max(seconds, 1e-9);
         if (result is not null)
