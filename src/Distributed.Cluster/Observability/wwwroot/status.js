@@ -61,14 +61,15 @@ function render(v) {
     const eff = s && s.dataBusBandwidth ? `${gb(s.dataBusBandwidth)} (${fmt(100 * s.dataBusBandwidth / (s.linkCapacity || NaN))}%)`
       : s && s.tensorBusBandwidth ? `tp ${gb(s.tensorBusBandwidth)} (${fmt(100 * s.tensorBusBandwidth / (s.linkCapacity || NaN))}%)` : "–";
     return `<tr class="worker" data-rank="${w.rank}">` + [
-      w.rank, `${w.dp}, ${w.tp}, ${w.pp}`, esc(w.host), w.processId, esc(w.state), fmt(w.step),
+      w.rank, `${w.dp}, ${w.tp}, ${w.pp}`, `${esc(w.host)}, ${w.processId}`, esc(w.state), fmt(w.step),
       s ? fmt(s.stepMs, 1) : "–",
       s ? `${fmt(s.computeMs, 1)} / ${fmt(s.communicationMs, 1)} / ${fmt(s.waitingMs, 1)} / ${fmt(s.optimizerMs, 1)}` : "–",
       eff, s ? gb(s.linkCapacity) : "–", s ? fmt(s.rssBytes / 1e6) : "–", s ? fmt(s.tensorBytes / 1e6, 1) : "–", s ? fmt(s.cpuCores, 2) : "–",
       s && s.gpuUtilisation != null ? `${fmt(100 * s.gpuUtilisation)}%, ${fmt(s.gpuMemoryBytes / 1e6)} MB` : "–",
       ago(w.lastReport),
-    ].map(c => `<td>${c}</td>`).join("") + "</tr>";
+    ].map((c, i) => `<td${i === 12 ? ' class="gpu"' : ""}>${c}</td>`).join("") + "</tr>";
   }).join("");
+  $("workers").classList.toggle("no-gpu", !v.workers.some(w => w.sample && w.sample.gpuUtilisation != null));
   document.body.dataset.reportedWorkers = v.workers.filter(w => w.sample).length;
 
   const c = v.lastCheckpoint;
