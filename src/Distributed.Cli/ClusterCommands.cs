@@ -101,6 +101,7 @@ static class CoordinatorCommand
                 var options = new CoordinatorOptions(spec, count, plan, parse.GetValue(resumeFrom),
                     parse.GetValue(submission) ?? Guid.NewGuid().ToString("N"), CoordinatorPersistence.PersistenceId(spec.RunDir));
                 var coordinator = ClusterRoles.StartCoordinator(system, options, logger, reason => unrecoverable.TrySetResult(reason));
+                await using var observability = await ObservabilityServer.StartAsync(system, coordinator, spec, count, loggerFactory);
                 var events = JobEvents.Subscribe(system, coordinator);
                 var observer = new LogLineObserver(logger, spec.Train.LogInterval);
                 var parentGone = WorkerCommand.WaitForParentExit(parse.GetValue(parent), cancellationToken);
@@ -125,6 +126,7 @@ static class CoordinatorCommand
                         case JobEvalReport e: observer.OnEval(e.Result); break;
                         case JobCompleted c:
                             logger.LogInformation("Job completed at step {Step}; final checkpoint {Path}", c.Step, c.FinalCheckpoint);
+                            if (parse.GetValue(parent) is null) RunPlot.TryWrite(spec.RunDir, logger);   // under `dtrain train` the launcher draws it
                             await Task.Delay(1000, cancellationToken);   // the workers' Shutdown messages leave first
                             return 0;
                         case JobFailed f:

@@ -87,7 +87,11 @@ static class ClusterJob
                     switch (await next)
                     {
                         case JobStarted s:
-                            if (firstStep < 0) (firstStep, lastStep) = (s.FirstStep, s.LastStep);
+                            if (firstStep < 0)
+                            {
+                                (firstStep, lastStep) = (s.FirstStep, s.LastStep);
+                                LogEndpoints(spec, logger);
+                            }
                             logger.LogInformation("Generation {Generation}: {World} workers, steps {First}..{Last}", s.Generation, s.WorldSize, s.FirstStep + 1, s.LastStep);
                             observer.OnStart(s.FirstStep, s.LastStep);
                             break;
@@ -126,6 +130,15 @@ static class ClusterJob
             // otherwise hold the launcher for its full timeout, about 9 s).
             await system.Terminate().WaitAsync(TimeSpan.FromSeconds(1)).ContinueWith(_ => { });
         }
+    }
+
+    /// <summary>Where the coordinator serves the job's metrics and status page, when it does (it wrote them before the first generation).</summary>
+    static void LogEndpoints(JobSpec spec, ILogger logger)
+    {
+        if (!spec.Observability.Serves || !File.Exists(RunFiles.In(spec.RunDir, RunFiles.Endpoints))) return;
+        using var endpoints = System.Text.Json.JsonDocument.Parse(File.ReadAllText(RunFiles.In(spec.RunDir, RunFiles.Endpoints)));
+        foreach (var (name, value) in endpoints.RootElement.EnumerateObject().Select(p => (p.Name, p.Value.GetString())))
+            if (value is not null) logger.LogInformation("{What}: {Url}", name == "metrics" ? "Prometheus metrics" : "Status page", value);
     }
 
     /// <summary>

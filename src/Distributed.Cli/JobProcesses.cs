@@ -87,7 +87,7 @@ sealed class JobProcesses : IDisposable
             lock (child.Tail) { child.Tail.Enqueue(line); if (child.Tail.Count > 20) child.Tail.Dequeue(); }
             if (line.Contains("warn:", StringComparison.Ordinal) || line.Contains("fail:", StringComparison.Ordinal) ||
                 line.Contains("crit:", StringComparison.Ordinal))
-                Console.Error.WriteLine($"[{role} pid {process.Id}] {line.Trim()}");
+                Logging.WriteLine($"[{role} pid {process.Id}] {line.Trim()}", error: true);
         }
         process.OutputDataReceived += (_, e) => Keep(e.Data);
         process.ErrorDataReceived += (_, e) => Keep(e.Data);

@@ -8,6 +8,8 @@ var root = new RootCommand("dtrain: distributed training of GPT models on TorchS
     SampleCommand.Create(),
     InspectCommand.Create(),
     ExportCommand.Create(),
+    StatusCommand.Create(),
+    RunPlot.Create(),
     CoordinatorCommand.Create(),
     WorkerCommand.Create(),
     BenchCommand.Create(),

@@ -15,8 +15,9 @@ static class ProgressDisplay
     static T RunLive<T>(Func<ITrainingObserver, T> body)
     {
         T result = default!;
+        // Cleared when training ends: the run's summary lines follow, and no half-drawn bar stays behind them.
         AnsiConsole.Progress()
-            .AutoClear(false)
+            .AutoClear(true)
             .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(),
                      new ElapsedTimeColumn(), new RemainingTimeColumn())
             .Start(context =>
@@ -40,6 +41,8 @@ static class ProgressDisplay
             task.Value = m.Step;
             task.Description = $"step {m.Step,5}  loss {m.Loss:F4}  lr {m.LearningRate:E2}  {m.TokensPerSecond,7:N0} tok/s";
         }
+
+        public void OnCheckpoint(long step, string path) => Logging.WriteLine($"checkpoint {path}");
 
         public void OnEval(EvalResult r) =>
             AnsiConsole.MarkupLineInterpolated($"[green]step {r.Step}[/]: train loss {r.TrainLoss:F4}, val loss [bold]{r.ValLoss:F4}[/] (perplexity {r.ValPerplexity:F2})");

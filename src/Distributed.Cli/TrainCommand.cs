@@ -82,6 +82,10 @@ static class TrainCommand
         {
             File.Delete(Path.Combine(spec.RunDir, "metrics.jsonl"));
             File.Delete(Path.Combine(spec.RunDir, "eval.jsonl"));
+            File.Delete(RunFiles.In(spec.RunDir, RunFiles.Commits));
+            // A fresh run's curves start over; a resumed one appends to them.
+            string tensorBoard = RunFiles.In(spec.RunDir, RunFiles.TensorBoard);
+            if (Directory.Exists(tensorBoard)) Directory.Delete(tensorBoard, recursive: true);
         }
 
         var clock = Stopwatch.StartNew();
@@ -107,6 +111,7 @@ static class TrainCommand
                 ClusterJob.RunAsync(spec, workers, faults, faultSeed, from, observer, logger, cancellationToken).GetAwaiter().GetResult());
         }
 
+        RunPlot.TryWrite(spec.RunDir, logger);
         double seconds = clock.Elapsed.TotalSeconds;
         double tokensPerSecond = steps * spec.Train.BatchSize * spec.Model.BlockSize / Math.Max(seconds, 1e-9);
         if (result is not null)

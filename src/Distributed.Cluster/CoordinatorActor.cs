@@ -36,6 +36,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
     readonly Dictionary<long, Dictionary<int, ShardRecord>> _pendingShards = [];
+    readonly Dictionary<long, DateTime> _firstShardAt = [];
     readonly ILogger _log;
     readonly RecoveryTimeline _timeline;
     JobState _state = JobState.Empty;
@@ -156,7 +157,11 @@ public sealed class CoordinatorActor : ReceivePersistentActor
                 if (_workers.Count < _expectedWorkers) { BecomeWaitingForWorkers(); return; }
                 if (chosen.Error is not null) { End(new JobFailed(chosen.Error)); return; }
                 long generation = _state.Generation + 1;
-                Record(new GenerationStarted(generation, _workers.Count, chosen.Step, DateTime.UtcNow), _ => StartGeneration(generation, chosen.Directory));
+                Record(new GenerationStarted(generation, _workers.Count, chosen.Step, DateTime.UtcNow), started =>
+                {
+                    StartGeneration(generation, chosen.Directory);
+                    PublishPlacement(started);
+                });
             });
             // A worker lost before the generation started: the choice is dropped, and the coordinator waits for a replacement.
             Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
@@ -200,6 +205,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     {
         _finished.Clear();
         _pendingShards.Clear();
+        _firstShardAt.Clear();
         var placed = ParallelLayout.PlaceTensorParallelGroups(_workers.Select(w => w.Host).ToList(), _spec.Parallel.Tp).Select(i => _workers[i]).ToList();
         _workers.Clear();
         _workers.AddRange(placed);
@@ -228,6 +234,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         {
             if (_timeline.FirstStep(generation, m.Metrics.Step) is { } record) QueueFileWork($"appending to {_timeline.Path}", () => File.AppendAllText(_timeline.Path, record));
             Publish(new JobStepReport(m.Metrics, _workers.Count));
+            PublishSample(m);
         });
         Command<EvalDone>(m => m.Generation == generation && m.Rank == reporting, m => Publish(new JobEvalReport(m.Result)));
         Command<ShardWritten>(m => m.Generation == generation, m => OnShardWritten(generation, m));
@@ -239,6 +246,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         Command<FaultFired>(m => Record(new FaultInjected(m.Fault, m.At), _ =>
         {
             _timeline.FaultFired(m.Fault, m.At);
+            Publish(new JobFaultInjected(m.Fault, m.At));
             // Rank 0 announces kill-coordinator at the exact step; the coordinator journals it (so it fires once) and dies.
             if (_faults.FirstOrDefault(f => f.Text == m.Fault && f.Kind == FaultKind.KillCoordinator) is { } fault) KillThisProcess(fault);
         }));
@@ -266,9 +274,11 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     void OnShardWritten(long generation, ShardWritten m)
     {
         if (!_pendingShards.TryGetValue(m.Step, out var shards)) _pendingShards[m.Step] = shards = [];
+        _firstShardAt.TryAdd(m.Step, DateTime.UtcNow);
         shards[m.Rank] = m.Shard;
         if (shards.Count < _workers.Count) return;
         _pendingShards.Remove(m.Step);
+        _firstShardAt.Remove(m.Step, out var firstShardAt);
         var commit = new CheckpointCommitted(m.Step, generation, shards.Values.OrderBy(s => s.Rank).ToArray(), DateTime.UtcNow);
         Record(commit, _ =>
         {
@@ -277,13 +287,16 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             string checkpoints = CheckpointsDirectory;
             var committedSteps = _state.Commits.Select(c => c.Step).ToList();
             // Durable in the journal: now the manifest, then retention (older commits may go only after this one is durable).
+            long bytes = commit.Shards.Sum(s => s.Bytes);
+            double latency = (DateTime.UtcNow - firstShardAt).TotalSeconds;
             QueueFileWork($"writing the manifest of {directory} and applying retention", () =>
             {
                 WriteManifest(directory, commit);
+                CommitLog.Append(_spec.RunDir, new CommitLog.Entry(commit.Step, generation, bytes, latency, commit.At));
                 CheckpointFiles.Retain(checkpoints, keep, committedSteps);
             });
-            _log.LogInformation("Checkpoint at step {Step} committed ({Shards} shards, {Bytes:N0} bytes)", m.Step, commit.Shards.Length, commit.Shards.Sum(s => s.Bytes));
-            Publish(new JobCheckpointCommitted(m.Step, directory));
+            _log.LogInformation("Checkpoint at step {Step} committed ({Shards} shards, {Bytes:N0} bytes)", m.Step, commit.Shards.Length, bytes);
+            Publish(new JobCheckpointCommitted(m.Step, directory, bytes, latency));
             foreach (var w in _workers) w.Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, directory));
             TryComplete();
         });
@@ -345,14 +358,21 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     void Ended(JobEvent outcome)
     {
-        Command<SubscribeToJob>(m => { _subscribers.Add(m.Subscriber); m.Subscriber.Tell(outcome); });
+        Command<SubscribeToJob>(m =>
+        {
+            if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));
+            m.Subscriber.Tell(outcome);
+        });
         Command<RegisterWorker>(m => m.Worker.Tell(new Shutdown(outcome is JobCompleted, "the job is over")));
         CommandAny(_ => { });
     }
 
     void Common()
     {
-        Command<SubscribeToJob>(m => _subscribers.Add(m.Subscriber));
+        Command<SubscribeToJob>(m =>
+        {
+            if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));
+        });
         Command<SaveSnapshotSuccess>(_ => { });
         Command<SaveSnapshotFailure>(f => _log.LogWarning("Snapshot failed: {Error}", f.Cause.Message));
     }
@@ -381,6 +401,23 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         _state.CommitsNewestFirst().FirstOrDefault() is { } c ? CheckpointFiles.DirectoryFor(CheckpointsDirectory, c.Step) : null;
 
     string Describe(int rank) => $"worker pid {_workers[rank].ProcessId} on {_workers[rank].Host}";
+
+    /// <summary>Where each rank of a new generation is: for the metrics and the status page.</summary>
+    void PublishPlacement(GenerationStarted started)
+    {
+        var layout = ParallelLayout.For(_spec, _workers.Count);
+        var placements = _workers.Select((w, rank) =>
+        {
+            var at = layout.Coordinates(rank);
+            return new WorkerPlacement(rank, w.Host, w.ProcessId, at.Tp, at.Dp, at.Pp);
+        }).ToArray();
+        Publish(new JobGenerationStarted(started.Generation, layout.ToString(), placements, started.ResumeStep, started.At));
+    }
+
+    void PublishSample(StepDone m)
+    {
+        if (m.Sample is { } sample) Publish(new JobWorkerReport(m.Generation, m.Rank, m.Metrics, sample));
+    }
 
     void Publish(JobEvent e)
     {

@@ -20,8 +20,11 @@ public sealed record AssignRank(long Generation, int Rank, IReadOnlyList<string>
 /// <summary>Worker -> coordinator: this rank built its model (loading the checkpoint took <paramref name="LoadMs"/>) and trains from <paramref name="FirstStep"/>.</summary>
 public sealed record RankStarted(long Generation, int Rank, long FirstStep, long LastStep, double LoadMs);
 
-/// <summary>Worker -> coordinator, every step (rank 0, throttled).</summary>
-public sealed record StepDone(long Generation, int Rank, StepMetrics Metrics);
+/// <summary>
+/// Worker -> coordinator, after a step: rank 0 at most every 200 ms (the display), and every rank with a
+/// <paramref name="Sample"/> every cluster.report-interval when the job is watched.
+/// </summary>
+public sealed record StepDone(long Generation, int Rank, StepMetrics Metrics, WorkerSample? Sample = null);
 
 /// <summary>Worker -> coordinator, after each evaluation.</summary>
 public sealed record EvalDone(long Generation, int Rank, EvalResult Result);
@@ -60,7 +63,17 @@ public abstract record JobEvent;
 public sealed record JobStarted(long Generation, int WorldSize, long FirstStep, long LastStep) : JobEvent;
 public sealed record JobStepReport(StepMetrics Metrics, int WorldSize) : JobEvent;
 public sealed record JobEvalReport(EvalResult Result) : JobEvent;
-public sealed record JobCheckpointCommitted(long Step, string Directory) : JobEvent;
+/// <param name="LatencySeconds">from the first shard's report to the commit being durable in the journal</param>
+public sealed record JobCheckpointCommitted(long Step, string Directory, long Bytes = 0, double LatencySeconds = 0) : JobEvent;
 public sealed record JobRecovering(long AbortedGeneration, string Reason, int Restarts, int MaxRestarts) : JobEvent;
 public sealed record JobCompleted(long Step, string? FinalCheckpoint) : JobEvent;
 public sealed record JobFailed(string Reason) : JobEvent;
+
+// For watchers (metrics, the status page): where the ranks are, what each reports, what the journal holds.
+public sealed record WorkerPlacement(int Rank, string Host, int ProcessId, int Tp, int Dp, int Pp);
+public sealed record JobGenerationStarted(long Generation, string Layout, WorkerPlacement[] Workers, long ResumeStep, DateTime At) : JobEvent;
+public sealed record JobWorkerReport(long Generation, int Rank, StepMetrics Metrics, WorkerSample Sample) : JobEvent;
+public sealed record JobFaultInjected(string Fault, DateTime At) : JobEvent;
+
+/// <summary>Sent to a new subscriber: the job as the journal knows it (commits, faults, generation, restarts).</summary>
+public sealed record JobHistory(string Name, int ExpectedWorkers, JobState State) : JobEvent;

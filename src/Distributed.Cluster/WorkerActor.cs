@@ -130,8 +130,10 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                     rank, groups.Coordinates, layout, layout.StageOf(rank, spec.Model.Layers), string.Join(", ", layout.Group(ParallelAxis.Tensor, rank)),
                     string.Join(", ", layout.Group(ParallelAxis.Data, rank)), string.Join(", ", layout.Group(ParallelAxis.Pipeline, rank)));
                 var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
+                using var telemetry = WorkerTelemetry.Start(spec, _node, links, groups, options, gpuUsed: kernels.Description.Contains("Cuda", StringComparison.OrdinalIgnoreCase), cancellation);
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
-                trainer.Run(new Reporter(self, generation, rank, trainer.IsLeader, loading.Elapsed.TotalMilliseconds, faults), cancellationToken: cancellation);
+                if (telemetry is not null) telemetry.TensorBytes = trainer.Model.Parameters.Sum(p => p.Tensor.NumberOfElements * p.Tensor.ElementSize) * 4;   // weights, gradients, 2 moments
+                trainer.Run(new Reporter(self, generation, rank, trainer.IsLeader, loading.Elapsed.TotalMilliseconds, faults, telemetry), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));
             }
             finally
@@ -163,10 +165,11 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>
-    /// Step reports go out from the reporting rank only (the last stage's, which has the loss) and at most every 200 ms: a display needs no
-    /// more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps every step.
+    /// Step reports go out from the reporting rank only (the last stage's, which has the loss) at most every 200 ms: a
+    /// display needs no more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps
+    /// every step. When the job is watched, every rank also reports a sample every cluster.report-interval.
     /// </summary>
-    sealed class Reporter(IActorRef self, long generation, int rank, bool reports, double loadMs, WorkerFaults faults) : ITrainingObserver
+    sealed class Reporter(IActorRef self, long generation, int rank, bool reports, double loadMs, WorkerFaults faults, WorkerTelemetry? telemetry) : ITrainingObserver
     {
         static readonly TimeSpan ReportInterval = TimeSpan.FromMilliseconds(200);
         readonly System.Diagnostics.Stopwatch _sinceReport = new();
@@ -181,9 +184,11 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         public void OnStep(StepMetrics metrics)
         {
             faults.AfterStep(metrics.Step);
-            if (!reports || (_sinceReport.IsRunning && _sinceReport.Elapsed < ReportInterval && metrics.Step != _lastStep)) return;
-            _sinceReport.Restart();
-            self.Tell(new StepDone(generation, rank, metrics));
+            var sample = telemetry?.OnStep(metrics);
+            bool display = reports && (!_sinceReport.IsRunning || _sinceReport.Elapsed >= ReportInterval || metrics.Step == _lastStep);
+            if (!display && sample is null) return;
+            if (display) _sinceReport.Restart();
+            self.Tell(new StepDone(generation, rank, metrics, sample));
         }
 
         public void OnEval(EvalResult result)

@@ -42,13 +42,17 @@ public sealed class DataPlaneNode : IAsyncDisposable
         _bulkListener = bulkListener;
         _logger = logger;
         Host = host;
+        Mailbox = new Mailbox(Counters);
         var addresses = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses;
         GrpcPort = new Uri(addresses.First()).Port;
         BulkPort = ((IPEndPoint)bulkListener.LocalEndpoint).Port;
         _acceptLoop = AcceptBulkConnectionsAsync();
     }
 
-    public Mailbox Mailbox { get; } = new();
+    public Mailbox Mailbox { get; }
+
+    /// <summary>Bytes this worker's data plane moved (for its reports).</summary>
+    public DataPlaneCounters Counters { get; } = new();
 
     /// <summary>Identifies this machine, so peers can tell whether shared memory reaches us.</summary>
     public static string HostId { get; } = ReadHostId();

@@ -153,6 +153,7 @@ public sealed class PeerLinks : IAsyncDisposable
             if (_delays[destination] > TimeSpan.Zero) await Task.Delay(_delays[destination], cancellationToken).ConfigureAwait(false);
             var link = _links[destination] ??= await ConnectAsync(destination, cancellationToken).ConfigureAwait(false);
             await link.WriteAsync(header, payload, timeout, cancellationToken).ConfigureAwait(false);
+            _node.Counters.Sent(payload.Length);
         }
         catch (Exception e) when (e is not PeerFailedException && !cancellationToken.IsCancellationRequested)
         {

@@ -38,6 +38,9 @@ public sealed class ProcessGroup : IProcessGroup
     public int Rank { get; }
     public int Size => _members.Length;
 
+    /// <summary>This group's all-reduces, for bus bandwidth in a worker's reports.</summary>
+    public CollectiveCounters Counters { get; } = new();
+
     /// <summary>Element range [start, start+length) of segment <paramref name="index"/> when <paramref name="total"/> splits over <paramref name="parts"/>.</summary>
     public static (int Start, int Length) Segment(int total, int parts, int index)
     {
@@ -46,7 +49,14 @@ public sealed class ProcessGroup : IProcessGroup
         return (start, baseLength + (index < extra ? 1 : 0));
     }
 
-    public Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default)
+    public async Task AllReduceAsync(Memory<float> data, ReduceOp op, CancellationToken cancellationToken = default)
+    {
+        Counters.Started((long)data.Length * sizeof(float));
+        try { await AllReduceCore(data, op, cancellationToken).ConfigureAwait(false); }
+        finally { Counters.Finished(); }
+    }
+
+    Task AllReduceCore(Memory<float> data, ReduceOp op, CancellationToken cancellationToken)
     {
         int n = Size;
         if ((long)data.Length * sizeof(float) <= _options.OneShotLimit(n) && _options.Compression == Compression.None)

@@ -38,6 +38,20 @@ public sealed record PersistenceSpec(string Provider, string ConnectionString, i
 /// <summary>How often a job may lose a generation (a worker, a link, the coordinator) and start a new one before it fails.</summary>
 public sealed record RecoverySpec(int MaxRestarts);
 
+/// <summary>
+/// How a running job shows itself. TensorBoard: the leader writes event files under run.dir/tensorboard. MetricsPort
+/// and StatusPort: where the coordinator serves Prometheus' /metrics and its status page (0 = off, -1 = any free
+/// port, written to run.dir/endpoints.json), on HttpHost. ReportIntervalSeconds: how often each worker reports its
+/// timings, traffic and resources to the coordinator.
+/// </summary>
+public sealed record ObservabilitySpec(bool TensorBoard, int MetricsPort, int StatusPort, string HttpHost, double ReportIntervalSeconds)
+{
+    public static readonly ObservabilitySpec Default = new(true, 0, 0, "127.0.0.1", 1.0);
+
+    /// <summary>Whether the coordinator serves anything over HTTP (and so whether workers send their reports).</summary>
+    public bool Serves => MetricsPort != 0 || StatusPort != 0;
+}
+
 /// <summary>Everything that defines one training job. Built from HOCON by the config loader.</summary>
 public sealed record JobSpec(
     string Name, string RunDir, long Seed, int Threads,
@@ -46,6 +60,9 @@ public sealed record JobSpec(
 {
     /// <summary>Model-parallel degrees (a property with a default: job specs stored before it existed read as tp = pp = 1).</summary>
     public ParallelSpec Parallel { get; init; } = ParallelSpec.None;
+
+    /// <summary>TensorBoard, Prometheus and the status page (a property with a default, as <see cref="Parallel"/>).</summary>
+    public ObservabilitySpec Observability { get; init; } = ObservabilitySpec.Default;
 
     /// <summary>Checks the relations between keys that one key alone cannot check.</summary>
     public void Validate()

@@ -129,6 +129,9 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
         return Enumerable.Range(0, Pp).SelectMany(p => Enumerable.Range(0, Tp).Select(t => RankAt(new RankCoordinates(t, c.Dp, p)))).ToArray();
     }
 
+    /// <summary>The group of every rank that measures the links at a generation's start (Distributed.Comm.LinkProbe).</summary>
+    public const int LinkProbeGroupId = 19;   // after SpanningGroup's ids
+
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
 
     /// <summary>

@@ -146,6 +146,8 @@ public sealed class Trainer : IDisposable
         using var evals = IsLeader ? new StreamWriter(Path.Combine(_spec.RunDir, "eval.jsonl"), append: true) : StreamWriter.Null;
         // Every stage's own timing (the bubble is per stage: bench/pipeline reads these).
         using var stageTimes = _pipeline is null ? StreamWriter.Null : OpenStageTimes();
+        using var tensorBoard = Observability.TensorBoardLog.ForRun(_spec, IsLeader, _checkpoints);
+        observer = Observability.TrainingObservers.Combine(observer, tensorBoard);
         // Read on this thread: OpenMP's thread count is a per-thread setting, and this is the thread that trains.
         _logger.LogInformation("Training on thread '{Thread}' with {IntraOp} intra-op and {InterOp} inter-op torch threads",
             Thread.CurrentThread.Name ?? "main", torch.get_num_threads(), torch.get_num_interop_threads());

@@ -26,6 +26,7 @@ public static class JobConfigLoader
         new("run.dir", Kind.String, "runs/shakespeare-char"),
         new("run.seed", Kind.Long, "1337"),
         new("run.threads", Kind.Int, "0", 0, 1024),
+        new("run.tensorboard", Kind.Bool, "true"),
         new("data.path", Kind.String, "data/tinyshakespeare.txt"),
         new("data.train-fraction", Kind.Double, "0.9", 0.01, 0.99),
         new("model.n-layer", Kind.Int, "4", 1, 1024),
@@ -58,6 +59,10 @@ public static class JobConfigLoader
         new("cluster.compression", Kind.String, "none"),
         new("cluster.kernels", Kind.String, "auto"),
         new("cluster.overlap", Kind.Bool, "true"),
+        new("cluster.metrics-port", Kind.Int, "0", -1, 65535),
+        new("cluster.status-port", Kind.Int, "0", -1, 65535),
+        new("cluster.http-host", Kind.String, "127.0.0.1"),
+        new("cluster.report-interval", Kind.Double, "1", 0.05, 3600),
         new("parallel.tp", Kind.Int, "1", 1, 1024),
         new("parallel.pp", Kind.Int, "1", 1, 1024),
         new("parallel.micro-batches", Kind.Int, "1", 1, 1 << 20),
@@ -134,6 +139,8 @@ public static class JobConfigLoader
             Recovery: new RecoverySpec(I("recovery.max-restarts")))
         {
             Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule"), B("parallel.shard-optimizer")),
+            Observability = new ObservabilitySpec(B("run.tensorboard"), I("cluster.metrics-port"), I("cluster.status-port"), S("cluster.http-host"),
+                D("cluster.report-interval")),
         };
         spec.Validate();
         return spec;
@@ -144,9 +151,9 @@ public static class JobConfigLoader
     {
         static string F(double d) => d.ToString("R", CultureInfo.InvariantCulture);
         static string Q(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
-        var (m, o, t) = (spec.Model, spec.Optimizer, spec.Train);
+        var (m, o, t, w) = (spec.Model, spec.Optimizer, spec.Train, spec.Observability);
         return string.Join('\n',
-            $"run {{ name = {Q(spec.Name)}, dir = {Q(spec.RunDir)}, seed = {spec.Seed}, threads = {spec.Threads} }}",
+            $"run {{ name = {Q(spec.Name)}, dir = {Q(spec.RunDir)}, seed = {spec.Seed}, threads = {spec.Threads}, tensorboard = {(w.TensorBoard ? "true" : "false")} }}",
             $"data {{ path = {Q(spec.Data.Path)}, train-fraction = {F(spec.Data.TrainFraction)} }}",
             $"model {{ n-layer = {m.Layers}, n-head = {m.Heads}, n-embd = {m.Embedding}, block-size = {m.BlockSize}, dropout = {F(m.Dropout)}, bias = {(m.Bias ? "true" : "false")} }}",
             $"optimizer {{ learning-rate = {F(o.LearningRate)}, min-lr = {F(o.MinLearningRate)}, warmup-iters = {o.WarmupIters}, lr-decay-iters = {o.DecayIters}, " +
@@ -154,7 +161,8 @@ public static class JobConfigLoader
             $"train {{ batch-size = {t.BatchSize}, grad-accum = {t.GradAccum}, max-iters = {t.MaxIters}, eval-interval = {t.EvalInterval}, eval-iters = {t.EvalIters}, log-interval = {t.LogInterval} }}",
             $"checkpoint {{ every = {spec.Checkpoint.Every}, keep = {spec.Checkpoint.Keep} }}",
             $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)}, " +
-            $"kernels = {Q(spec.Cluster.Kernels)}, overlap = {(spec.Cluster.Overlap ? "true" : "false")} }}",
+            $"kernels = {Q(spec.Cluster.Kernels)}, overlap = {(spec.Cluster.Overlap ? "true" : "false")}, " +
+            $"metrics-port = {w.MetricsPort}, status-port = {w.StatusPort}, http-host = {Q(w.HttpHost)}, report-interval = {F(w.ReportIntervalSeconds)} }}",
             $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)}, shard-optimizer = {(spec.Parallel.ShardOptimizer ? "true" : "false")} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
             $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}") + "\n";

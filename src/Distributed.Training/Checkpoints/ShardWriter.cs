@@ -10,6 +10,9 @@ public interface ICheckpointCommit
     void ShardWritten(long step, string directory, ShardRecord shard);
 }
 
+/// <summary>How long a shard took: the copy on the training thread (the step waits for it) and the write behind it (hash and fsync included).</summary>
+public sealed record ShardTiming(long Step, int Rank, long Bytes, double CopyMs, double WriteMs);
+
 /// <summary>
 /// Writes this rank's shard in the background: the training thread only copies the tensors (memory speed) at the step
 /// boundary, and the following steps run while the bytes go to disk. One write is in flight at a time.
@@ -24,6 +27,9 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 
     /// <summary>Where each written shard is logged with its size and timings; none by default.</summary>
     public ILogger? Logger { get; init; }
+
+    /// <summary>Raised on the writer's thread once a shard is durable, before the commit hears of it.</summary>
+    public event Action<ShardTiming>? Written;
 
     /// <param name="copy">
     /// true: the shard is copied first, so training may change the tensors while the write goes on. false (nothing
@@ -48,6 +54,7 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
             Logger?.LogInformation(
                 "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
                 rank, step, record.Bytes, writing.Elapsed.TotalMilliseconds, record.Bytes / 1e6 / writing.Elapsed.TotalSeconds, copyTime.TotalMilliseconds);
+            Written?.Invoke(new ShardTiming(step, rank, record.Bytes, copyTime.TotalMilliseconds, writing.Elapsed.TotalMilliseconds));
             commit.ShardWritten(step, directory, record);
         });
     }
@@ -85,6 +92,7 @@ public sealed class LocalCommit(string checkpoints, int keep, Distributed.Core.J
     public void ShardWritten(long step, string directory, ShardRecord shard)
     {
         CheckpointFiles.WriteManifest(directory, CheckpointManifest.For(step, 0, [shard], job));
+        CommitLog.Append(job.RunDir, new CommitLog.Entry(step, 0, shard.Bytes, 0, DateTime.UtcNow));
         CheckpointFiles.Retain(checkpoints, keep);
         _committed.Enqueue((step, directory));
     }
