@@ -236,6 +236,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             Publish(new JobStepReport(m.Metrics, _workers.Count));
             PublishSample(m);
         });
+        Command<StepDone>(m => m.Generation == generation, PublishSample);   // every other rank's telemetry
         Command<EvalDone>(m => m.Generation == generation && m.Rank == reporting, m => Publish(new JobEvalReport(m.Result)));
         Command<ShardWritten>(m => m.Generation == generation, m => OnShardWritten(generation, m));
         Command<WorkerFinished>(m => m.Generation == generation, m =>
