@@ -76,6 +76,9 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
 
     public const int CompressedDataGroupId = 16;
 
+    /// <summary>The group of every rank of the job (the worker's per-step preemption check).</summary>
+    public const int WorldGroupId = 17;
+
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
 
     /// <summary>
