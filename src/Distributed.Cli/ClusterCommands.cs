@@ -177,6 +177,13 @@ static class CoordinatorCommand
             int count = parse.GetValue(workers) ?? spec.Cluster.Workers;
             if (count < 1) throw new Core.UserFacingException($"--workers must be 1 or more, got {count}");
             Core.ParallelLayout.For(spec, count);
+            // The run directory remembers its job, as `dtrain train` leaves it: `dtrain inspect` reads the journal's settings there.
+            string jobFile = ClusterJob.JobFile(spec);
+            if (Path.GetFullPath(jobFile) != Path.GetFullPath(parse.GetValue(config)!))
+            {
+                Directory.CreateDirectory(spec.RunDir);
+                File.WriteAllText(jobFile, Distributed.Cluster.Config.JobConfigLoader.ToHocon(spec));
+            }
             var plan = Core.Faults.Parse(parse.GetValue(faults) ?? [], parse.GetValue(faultSeed), count, spec.Train.MaxIters, spec.Checkpoint.Every);
             string akkaSettings = ClusterBootstrap.SettingsFile(parse.GetValue(akkaConfig));
             using var loggerFactory = Logging.CreateFactory();
