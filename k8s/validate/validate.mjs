@@ -1,11 +1,13 @@
 // Validates rendered Kubernetes manifests offline, as an API server with strict field validation would:
-//   node validate.mjs [--crd CRD.yaml]... [--json OUT.json] [FILE.yaml ...]   (no FILE: standard input)
+//   node validate.mjs [--crd CRD.yaml]... [--json-dir DIR] [FILE.yaml ...]   (no FILE: standard input)
+// Each FILE is checked on its own ("== FILE" before its lines when there are several); --json-dir writes each one's
+// documents as DIR/<file name>.json.
 // Built-in kinds: the API schemas compiled into kubernetes-models, plus a check that every field name exists (its
 // validators let unknown fields pass), read from the models' type declarations. Custom resources: their CRD's
 // openAPIV3Schema with ajv, every object closed to unknown fields (the API server prunes or, strict, rejects them),
 // and their metadata checked as ObjectMeta. Prints one line per document; exits 1 if any is invalid.
 import { readFileSync, readdirSync, writeFileSync, existsSync } from "node:fs";
-import { dirname, join as joinPath } from "node:path";
+import { basename, dirname, join as joinPath } from "node:path";
 import { fileURLToPath } from "node:url";
 import Ajv from "ajv";
 import { parseAllDocuments } from "yaml";
@@ -16,10 +18,10 @@ const machineryRoot = joinPath(here, "node_modules", "@kubernetes-models", "apim
 
 const args = process.argv.slice(2);
 const crdFiles = [], inputs = [];
-let jsonOut = null;
+let jsonDir = null;
 for (let i = 0; i < args.length; i++) {
   if (args[i] === "--crd") crdFiles.push(args[++i]);
-  else if (args[i] === "--json") jsonOut = args[++i];
+  else if (args[i] === "--json-dir") jsonDir = args[++i];
   else inputs.push(args[i]);
 }
 
@@ -143,16 +145,8 @@ for (const file of crdFiles) {
   }
 }
 
-// ---- each document ---------------------------------------------------------------------------------------------
-const text = inputs.length ? inputs.map(f => readFileSync(f, "utf8")).join("\n---\n") : readFileSync(0, "utf8");
-const documents = [];
-let failed = 0;
-for (const doc of parseAllDocuments(text)) {
-  if (doc.errors.length) { console.log(`FAIL (unparsable YAML): ${doc.errors[0].message}`); failed++; continue; }
-  const value = doc.toJS();
-  if (value === null) continue;
-  documents.push(value);
-  const name = `${value.kind ?? "?"} ${value.metadata?.name ?? "?"}`;
+// ---- each file, each document ------------------------------------------------------------------------------------
+async function problemsOf(value) {
   const problems = [];
   if (typeof value.apiVersion !== "string" || typeof value.kind !== "string") problems.push("apiVersion and kind are required");
   else if (customKinds.has(`${value.apiVersion}/${value.kind}`)) {
@@ -171,9 +165,26 @@ for (const doc of parseAllDocuments(text)) {
       else unknownFields(value, type, "", problems);
     }
   }
-  if (problems.length) { failed++; console.log(`FAIL ${name}`); for (const p of problems) console.log(`  ${p}`); }
-  else console.log(`ok   ${name}`);
+  return problems;
 }
-if (jsonOut) writeFileSync(jsonOut, JSON.stringify(documents, null, 1));
-console.log(`${documents.length} documents, ${failed} invalid`);
+
+let failed = 0;
+for (const input of inputs.length ? inputs : [null]) {
+  if (inputs.length > 1) console.log(`== ${input}`);
+  const documents = [];
+  let invalid = 0;
+  for (const doc of parseAllDocuments(readFileSync(input ?? 0, "utf8"))) {
+    if (doc.errors.length) { console.log(`FAIL (unparsable YAML): ${doc.errors[0].message}`); invalid++; continue; }
+    const value = doc.toJS();
+    if (value === null) continue;
+    documents.push(value);
+    const problems = await problemsOf(value);
+    const name = `${value.kind ?? "?"} ${value.metadata?.name ?? "?"}`;
+    if (problems.length) { invalid++; console.log(`FAIL ${name}`); for (const p of problems) console.log(`  ${p}`); }
+    else console.log(`ok   ${name}`);
+  }
+  if (jsonDir) writeFileSync(joinPath(jsonDir, `${basename(input ?? "stdin")}.json`), JSON.stringify(documents, null, 1));
+  console.log(`${documents.length} documents, ${invalid} invalid`);
+  if (invalid) failed++;
+}
 process.exit(failed ? 1 : 0);

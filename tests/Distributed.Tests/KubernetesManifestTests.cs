@@ -45,32 +45,39 @@ public class KubernetesManifestTests(ITestOutputHelper output)
     public void TheBaseAndTheJobSetOverlayRenderToValidManifestsAndBrokenOnesAreCaught()
     {
         EnsureValidatorInstalled();
-        var values = ValuesOf(Validate(File.ReadAllText(Path.Combine(TestSupport.RepoRoot, "k8s", "base", "values.yaml"))).Documents.Single());
-
-        string baseYaml = Render("k8s/base");
-        var (baseReport, baseDocs) = Validate(baseYaml);
-        output.WriteLine($"k8s/base:\n{baseReport}");
-        string jobSetYaml = Render("k8s/overlays/jobset");
-        var (jobSetReport, jobSetDocs) = Validate(jobSetYaml);
-        output.WriteLine($"k8s/overlays/jobset:\n{jobSetReport}");
+        string dir = TestSupport.TempDir("manifests");
+        string baseFile = Write(dir, "base.yaml", Render("k8s/base"));
+        string jobSetFile = Write(dir, "jobset.yaml", Render("k8s/overlays/jobset"));
+        string valuesFile = Path.Combine(TestSupport.RepoRoot, "k8s", "base", "values.yaml");
+        var valid = RunValidator(["--json-dir", dir, valuesFile, baseFile, jobSetFile]);
+        output.WriteLine(valid.Stdout);
+        Assert.True(valid.ExitCode == 0, $"the validator rejected the manifests:\n{valid.Output}");
+        IReadOnlyList<JsonNode> Documents(string file) => JsonNode.Parse(File.ReadAllText(Path.Combine(dir, Path.GetFileName(file) + ".json")))!.AsArray().Select(d => d!).ToList();
+        var values = ValuesOf(Documents(valuesFile).Single());
+        var (baseDocs, jobSetDocs) = (Documents(baseFile), Documents(jobSetFile));
 
         // Broken on purpose: each must fail, naming the field.
+        string baseYaml = File.ReadAllText(baseFile), jobSetYaml = File.ReadAllText(jobSetFile);
         (string What, string Yaml, string Expected)[] broken =
         [
             ("a typo in a field name (StatefulSet)", ReplaceFirst(baseYaml, "\n  replicas: 1\n", "\n  replicaz: 1\n"), "spec.replicaz: unknown field"),
-            ("a typo deep in a pod template (Job)", ReplaceFirst(baseYaml, "        - name: POD_IP\n", "        - nmae: POD_IP\n"), "env[0].nmae: unknown field"),
+            ("a typo deep in a pod template (StatefulSet)", ReplaceFirst(baseYaml, "        - name: POD_IP\n", "        - nmae: POD_IP\n"), "env[0].nmae: unknown field"),
             ("a wrong type (Job)", ReplaceFirst(baseYaml, "\n  parallelism: 2\n", "\n  parallelism: two\n"), "spec/parallelism must be integer"),
             ("a value outside its enum (JobSet)", ReplaceFirst(jobSetYaml, "startupPolicyOrder: InOrder", "startupPolicyOrder: Sometimes"),
                 "/spec/startupPolicy/startupPolicyOrder: must be equal to one of the allowed values"),
             ("a typo in a field name (JobSet)", ReplaceFirst(jobSetYaml, "    replicas: 1\n", "    replicaz: 1\n"), "must NOT have additional properties 'replicaz'"),
             ("an unknown kind", baseYaml + "---\napiVersion: batch/v1\nkind: Jobb\nmetadata: {name: x}\n", "unknown kind batch/v1 Jobb"),
         ];
-        foreach (var (what, yaml, expected) in broken)
+        var files = broken.Select((b, i) => Write(dir, $"broken-{i}.yaml", b.Yaml)).ToList();
+        var report = RunValidator(files);
+        Assert.Equal(1, report.ExitCode);
+        var sections = report.Stdout.Split("== ", StringSplitOptions.RemoveEmptyEntries);
+        for (int i = 0; i < broken.Length; i++)
         {
-            var result = RunValidator(yaml);
-            output.WriteLine($"broken on purpose, {what}: exit {result.ExitCode}\n{string.Join('\n', result.Stdout.Split('\n').Where(l => !l.StartsWith("ok ", StringComparison.Ordinal)))}");
-            Assert.True(result.ExitCode == 1, $"{what}: the validator passed it\n{result.Output}");
-            Assert.Contains(expected, result.Stdout);
+            string section = sections.Single(s => s.StartsWith(files[i], StringComparison.Ordinal));
+            output.WriteLine($"broken on purpose, {broken[i].What}:\n{string.Join('\n', section.Split('\n').Skip(1).Where(l => !l.StartsWith("ok ", StringComparison.Ordinal)))}");
+            Assert.Contains(broken[i].Expected, section);
+            Assert.DoesNotContain(", 0 invalid", section);
         }
 
         CheckBase(baseDocs, values);
@@ -197,10 +204,10 @@ public class KubernetesManifestTests(ITestOutputHelper output)
         var baseCoordinator = Find(baseDocs, "StatefulSet", "dtrain-coordinator")["spec"]!["template"]!.DeepClone();
         baseCoordinator["spec"]!["restartPolicy"] = "Never";
         EnvEntry(Container(baseCoordinator, "dtrain"), "DTRAIN_LINGER")["value"] = "false";
-        Assert.Equal(baseCoordinator.ToJsonString(), coordinatorJob["template"]!.ToJsonString());
+        Assert.True(JsonNode.DeepEquals(baseCoordinator, coordinatorJob["template"]), $"the JobSet's coordinator pod is not the base's:\n{coordinatorJob["template"]}");
         var baseWorkers = Find(baseDocs, "Job", "dtrain-workers")["spec"]!.DeepClone();
         EnvEntry(Container(baseWorkers["template"]!, "dtrain"), "DTRAIN_SEED")["value"] = Env(worker, "DTRAIN_SEED");
-        Assert.Equal(baseWorkers.ToJsonString(), workerJob.ToJsonString());
+        Assert.True(JsonNode.DeepEquals(baseWorkers, workerJob), $"the JobSet's workers Job is not the base's:\n{workerJob}");
     }
 
     /// <summary>Exit codes that cannot succeed on a retry fail the Job; a clean preemption and a node disruption do not count.</summary>
@@ -276,16 +283,14 @@ public class KubernetesManifestTests(ITestOutputHelper output)
         return result.Stdout;
     }
 
-    static TestProcesses.Result RunValidator(string yaml, string? json = null) =>
-        TestProcesses.Run("node", [Path.Combine(Validator, "validate.mjs"), "--crd", JobSetCrd, .. json is null ? Array.Empty<string>() : ["--json", json]],
-            ToolTimeout, stdin: yaml);
+    static TestProcesses.Result RunValidator(IEnumerable<string> args) =>
+        TestProcesses.Run("node", [Path.Combine(Validator, "validate.mjs"), "--crd", JobSetCrd, .. args], ToolTimeout);
 
-    static (string Report, IReadOnlyList<JsonNode> Documents) Validate(string yaml)
+    static string Write(string dir, string name, string text)
     {
-        string json = Path.Combine(TestSupport.TempDir("manifests"), "documents.json");
-        var result = RunValidator(yaml, json);
-        Assert.True(result.ExitCode == 0, $"the validator rejected the manifests:\n{result.Output}");
-        return (result.Stdout, JsonNode.Parse(File.ReadAllText(json))!.AsArray().Select(d => d!).ToList());
+        string path = Path.Combine(dir, name);
+        File.WriteAllText(path, text);
+        return path;
     }
 
     /// <summary>k8s/validate's packages, as .ci/run installs them (npm ci: the versions of its package-lock.json).</summary>
