@@ -72,8 +72,10 @@ static class WorkerCommand
             string advertised = parse.GetValue(host)!;
             await using var node = await DataPlaneNode.StartAsync(parse.GetValue(bind) ?? advertised, parse.GetValue(dataPort), advertised, loggerFactory, cancellationToken);
             // A seed that never answers (a stale address) ends the process, so that it is started again and resolves anew.
+            // SIGTERM is this command's (a preemption); Akka's own handler would leave the cluster at once.
             var system = ClusterBootstrap.Start(ClusterBootstrap.WorkerRole, advertised, parse.GetValue(port), [seedAddress],
-                $"akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = {join.TotalSeconds:0}s\n{akkaSettings}");
+                $"akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = {join.TotalSeconds:0}s\n" +
+                $"akka.coordinated-shutdown.run-by-clr-shutdown-hook = off\n{akkaSettings}");
             if (health is not null)
             {
                 health.Readiness = (s, _) => HealthEndpoint.MemberUp(s);

@@ -47,7 +47,7 @@ public static class ClusterBootstrap
         string host = uri.IdnHost;
         if (IPAddress.TryParse(host, out _)) return SeedAddress(seed);
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var lastLog = TimeSpan.MinValue;
+        TimeSpan? lastLog = null;
         while (true)
         {
             string error;
@@ -66,7 +66,7 @@ public static class ClusterBootstrap
             catch (SocketException e) { error = e.Message; }
             if (clock.Elapsed >= timeout)
                 throw new TimeoutException($"the seed's name '{host}' did not resolve within {timeout.TotalSeconds:0} s: {error}");
-            if (clock.Elapsed - lastLog >= TimeSpan.FromSeconds(10))
+            if (lastLog is null || clock.Elapsed - lastLog >= TimeSpan.FromSeconds(10))
             {
                 lastLog = clock.Elapsed;
                 logger.LogWarning("The seed's name {Host} does not resolve yet ({Error}); retrying", host, error);
