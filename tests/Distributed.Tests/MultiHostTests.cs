@@ -12,12 +12,12 @@ namespace Distributed.Tests;
 public sealed class LoopbackReference
 {
     public const int Workers = 2;
-    public const long Steps = 200;
+    public const long Steps = 120;
 
     /// <summary>Long enough to partition or kill a host after the first commit; TCP as between real hosts.</summary>
     public static readonly string[] Job =
     [
-        $"train.max-iters={Steps}", $"optimizer.lr-decay-iters={Steps}", "train.eval-interval=100", "checkpoint.every=50", "checkpoint.keep=2",
+        $"train.max-iters={Steps}", $"optimizer.lr-decay-iters={Steps}", "train.eval-interval=60", "checkpoint.every=30", "checkpoint.keep=2",
         "cluster.transport=tcp", "cluster.collective-timeout=5",
     ];
 
@@ -55,7 +55,7 @@ public class MultiHostTests(LoopbackReference reference, ITestOutputHelper outpu
         // The workers start before the coordinator's name exists (pods scheduled before the master's): they retry it.
         var a = run.Worker(WorkerA, index: 0);
         var b = run.Worker(WorkerB, index: 1);
-        await Task.Delay(TimeSpan.FromSeconds(3));
+        await Task.Delay(TimeSpan.FromSeconds(2));
         Assert.False(a.HasExited || b.HasExited, "a worker gave up on a seed name that does not resolve yet\n" + run.Logs());
         Assert.Equal("HTTP/1.1 200 OK", net.HttpGet(WorkerA, WorkerA, 8080, "/livez"));
         Assert.Equal("HTTP/1.1 503 Service Unavailable", net.HttpGet(WorkerA, WorkerA, 8080, "/readyz"));   // not in a cluster yet
@@ -82,7 +82,7 @@ public class MultiHostTests(LoopbackReference reference, ITestOutputHelper outpu
         var coordinator = run.Coordinator();
         var a = run.Worker(WorkerA, index: 0);
         var b = run.Worker(WorkerB, index: 1);
-        await run.WaitForSteps(60);   // past the commit at step 50
+        await run.WaitForSteps(40);   // past the commit at step 30
 
         var cut = DateTime.UtcNow;
         net.Partition(WorkerB);
@@ -111,7 +111,7 @@ public class MultiHostTests(LoopbackReference reference, ITestOutputHelper outpu
         var coordinator = run.Coordinator();
         var a = run.Worker(WorkerA, index: 0);
         var b = run.Worker(WorkerB, index: 1);
-        await run.WaitForSteps(60);
+        await run.WaitForSteps(40);
 
         var lost = DateTime.UtcNow;
         b.Kill();   // its node is gone
@@ -136,7 +136,7 @@ public class MultiHostTests(LoopbackReference reference, ITestOutputHelper outpu
         long newest = journal.TakeWhile(e => e != (object)second).OfType<CheckpointCommitted>().Max(c => c.Step);
         Assert.Equal(newest, second.ResumeStep);
         Assert.Equal(newest, resumedInMetrics);
-        Assert.True(newest >= 50, $"resumed from step {newest}: the fault came before the first commit");
+        Assert.True(newest >= 30, $"resumed from step {newest}: the fault came before the first commit");
     }
 
     void AssertBitIdentical(Run run)

@@ -3,9 +3,9 @@ namespace Distributed.Tests;
 /// <summary>
 /// build/publish, the step the Dockerfile runs, makes a folder that works on its own: with only the .NET and ASP.NET
 /// Core runtimes (what the runtime image has: no SDK, no NuGet cache), from an empty working directory, it prints its
-/// help and runs a 20-step cluster job.
+/// help and runs a 20-step cluster job (the launcher starts the coordinator and a worker from the folder's apphost).
 /// </summary>
-public class PublishTests
+public class PublishTests(Xunit.Abstractions.ITestOutputHelper log)
 {
     [Fact]
     public void ThePublishedFolderRunsAJobFromACleanDirectoryWithTheRuntimeAlone()
@@ -17,8 +17,10 @@ public class PublishTests
             string output = Path.Combine(root, "app");
             // A build tree of its own (kept between runs: incremental), so the Release build never touches the Debug one running these tests.
             string artifacts = Path.Combine(TestSupport.RepoRoot, "tests", "Distributed.Tests", "obj", "publish-artifacts");
+            var clock = System.Diagnostics.Stopwatch.StartNew();
             var publish = TestProcesses.Run(Path.Combine(TestSupport.RepoRoot, "build", "publish"), [output, "--artifacts-path", artifacts], TimeSpan.FromMinutes(10));
             Assert.True(publish.ExitCode == 0, publish.Output);
+            log.WriteLine($"build/publish: {clock.Elapsed.TotalSeconds:F1} s, {Directory.GetFiles(output, "*", SearchOption.AllDirectories).Sum(f => new FileInfo(f).Length) / 1e6:F0} MB");
 
             Assert.True(File.Exists(Path.Combine(output, "dtrain")), "no apphost");
             Assert.True(File.Exists(Path.Combine(output, "akka.conf")), "akka.conf is not beside the binary");
@@ -34,7 +36,9 @@ public class PublishTests
             var environment = new Dictionary<string, string> { ["PATH"] = "/usr/bin:/bin", ["HOME"] = home, ["DOTNET_ROOT"] = runtime, ["CI"] = "true" };
             string dtrain = Path.Combine(output, "dtrain");
 
+            clock.Restart();
             var help = TestProcesses.Run(dtrain, ["--help"], TimeSpan.FromMinutes(1), clean, environment: environment);
+            log.WriteLine($"dtrain --help: exit {help.ExitCode} in {clock.Elapsed.TotalSeconds:F1} s");
             Assert.True(help.ExitCode == 0, help.Output);
             Assert.Contains("coordinator", help.Output);
             Assert.Contains("worker", help.Output);
@@ -42,11 +46,13 @@ public class PublishTests
             string run = Path.Combine(clean, "run");
             string[] job =
             [
-                "train", "--workers", "2", "--config", Path.Combine(output, "cluster-config", "shakespeare-char.conf"),
+                "train", "--workers", "1", "--config", Path.Combine(output, "cluster-config", "shakespeare-char.conf"),
                 .. TestSupport.TinyJobOverrides(run).Where(o => !o.StartsWith("data.path=", StringComparison.Ordinal))
                     .Append($"data.path={Path.Combine(output, "data", "tinyshakespeare.txt")}").SelectMany(o => new[] { "--set", o }),
             ];
+            clock.Restart();
             var train = TestProcesses.Run(dtrain, job, TimeSpan.FromMinutes(3), clean, environment: environment);
+            log.WriteLine($"dtrain train (a coordinator and a worker, 20 steps): exit {train.ExitCode} in {clock.Elapsed.TotalSeconds:F1} s");
             Assert.True(train.ExitCode == 0, train.Output);
             Assert.Contains("20 steps in", train.Output);
             Assert.True(File.Exists(Path.Combine(run, "checkpoints", "step-00000020", "manifest.json")), train.Output);
