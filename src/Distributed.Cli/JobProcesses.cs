@@ -32,7 +32,7 @@ sealed class ChildProcess
 sealed class JobProcesses : IDisposable
 {
     /// <summary>A child exiting with this code failed in a way a restart would repeat (an unreadable journal).</summary>
-    public const int DoNotRestartExitCode = 3;
+    public const int DoNotRestartExitCode = Core.ExitCodes.Unrecoverable;
 
     readonly List<ChildProcess> _children = [];
     readonly object _gate = new();

@@ -2,6 +2,7 @@ using System.CommandLine;
 using Distributed.Cli;
 using Distributed.Core;
 
+var worker = WorkerCommand.Create();
 var root = new RootCommand("dtrain: distributed training of GPT models on TorchSharp")
 {
     TrainCommand.Create(),
@@ -11,19 +12,23 @@ var root = new RootCommand("dtrain: distributed training of GPT models on TorchS
     StatusCommand.Create(),
     RunPlot.Create(),
     CoordinatorCommand.Create(),
-    WorkerCommand.Create(),
+    worker,
     BenchCommand.Create(),
 };
 
 try
 {
-    return await root.Parse(args).InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+    var parsed = root.Parse(args);
+    // A worker handles SIGTERM itself (a preemption: it checkpoints within its grace period); System.CommandLine
+    // would end the process 2 s after cancelling.
+    var terminationTimeout = parsed.CommandResult.Command == worker ? (TimeSpan?)null : TimeSpan.FromSeconds(2);
+    return await parsed.InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = terminationTimeout });
 }
 catch (UserFacingException e)
 {
     // Bad input is one line that names the key, file or checkpoint; no stack trace.
     Console.Error.WriteLine($"error: {e.Message}");
-    return 2;
+    return ExitCodes.ConfigurationError;
 }
 catch (OperationCanceledException)
 {

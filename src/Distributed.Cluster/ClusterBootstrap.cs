@@ -1,6 +1,9 @@
+using System.Net;
+using System.Net.Sockets;
 using Akka.Actor;
 using Akka.Configuration;
 using Distributed.Core;
+using Microsoft.Extensions.Logging;
 
 namespace Distributed.Cluster;
 
@@ -30,4 +33,53 @@ public static class ClusterBootstrap
     /// <summary>The address a node of this system at host:port has, for use as a seed.</summary>
     public static string SeedAddress(string hostAndPort) =>
         hostAndPort.StartsWith("akka.tcp://", StringComparison.Ordinal) ? hostAndPort : $"akka.tcp://{SystemName}@{hostAndPort}";
+
+    /// <summary>
+    /// The seed's address with its host name resolved to an IP address, retried until it resolves: a Kubernetes pod may
+    /// start before the DNS record of its coordinator's pod exists. The IP, not the name, because Akka compares
+    /// addresses as text and the coordinator advertises its pod IP. Throws <see cref="TimeoutException"/> at the deadline.
+    /// </summary>
+    public static async Task<string> ResolveSeedAsync(string seed, TimeSpan timeout, ILogger logger, CancellationToken cancellationToken)
+    {
+        var uri = new Uri(SeedAddress(seed));
+        if (uri.Port < 0 || uri.UserInfo != SystemName)
+            throw new UserFacingException($"--seed '{seed}' is not HOST:PORT (or akka.tcp://{SystemName}@HOST:PORT)");
+        string host = uri.IdnHost;
+        if (IPAddress.TryParse(host, out _)) return SeedAddress(seed);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        TimeSpan? lastLog = null;
+        while (true)
+        {
+            string error;
+            try
+            {
+                var addresses = await Dns.GetHostAddressesAsync(host, cancellationToken).ConfigureAwait(false);
+                var address = addresses.FirstOrDefault(a => a.AddressFamily == AddressFamily.InterNetwork) ?? addresses.FirstOrDefault();
+                if (address is not null)
+                {
+                    string ip = address.AddressFamily == AddressFamily.InterNetworkV6 ? $"[{address}]" : address.ToString();
+                    logger.LogInformation("Seed {Host} resolved to {Address} after {Seconds:F1} s", host, ip, clock.Elapsed.TotalSeconds);
+                    return $"akka.tcp://{SystemName}@{ip}:{uri.Port}";
+                }
+                error = "no addresses";
+            }
+            catch (SocketException e) { error = e.Message; }
+            if (clock.Elapsed >= timeout)
+                throw new TimeoutException($"the seed's name '{host}' did not resolve within {timeout.TotalSeconds:0} s: {error}");
+            if (lastLog is null || clock.Elapsed - lastLog >= TimeSpan.FromSeconds(10))
+            {
+                lastLog = clock.Elapsed;
+                logger.LogWarning("The seed's name {Host} does not resolve yet ({Error}); retrying", host, error);
+            }
+            await Task.Delay(TimeSpan.FromMilliseconds(500), cancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Akka settings of this cluster (a file from `--akka-config`, e.g. a Kubernetes ConfigMap) that override the shipped akka.conf.</summary>
+    public static string SettingsFile(string? path)
+    {
+        if (path is null) return "";
+        if (!File.Exists(path)) throw new ConfigException($"Akka settings file '{path}' (--akka-config) does not exist");
+        return File.ReadAllText(path);
+    }
 }

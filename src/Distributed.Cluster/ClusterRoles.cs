@@ -21,11 +21,12 @@ public static class ClusterRoles
     public static IActorRef CoordinatorProxy(ActorSystem system) => system.ActorOf(ClusterSingletonProxy.Props(
         "/user/coordinator", ClusterSingletonProxySettings.Create(system).WithRole(ClusterBootstrap.CoordinatorRole)), "coordinator-proxy");
 
-    /// <summary>Starts a worker; the task completes with the process's exit code when the job ends for it.</summary>
-    public static Task<int> StartWorker(ActorSystem system, DataPlaneNode node, ILoggerFactory loggerFactory)
+    /// <summary>Starts a worker; the task completes with the process's exit code (<see cref="ExitCodes"/>) when the job ends for it.</summary>
+    /// <param name="rankHint">the rank this worker asks for (a Kubernetes Job's completion index), or null</param>
+    public static Task<int> StartWorker(ActorSystem system, DataPlaneNode node, ILoggerFactory loggerFactory, PreemptionSignal preemption, int? rankHint = null)
     {
         var exitCode = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
-        system.ActorOf(WorkerActor.Props(node, CoordinatorProxy(system), loggerFactory, exitCode), "worker");
+        system.ActorOf(WorkerActor.Props(node, CoordinatorProxy(system), loggerFactory, exitCode, preemption, rankHint), "worker");
         return exitCode.Task;
     }
 }

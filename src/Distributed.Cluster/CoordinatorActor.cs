@@ -206,7 +206,9 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         _finished.Clear();
         _pendingShards.Clear();
         _firstShardAt.Clear();
-        var placed = ParallelLayout.PlaceTensorParallelGroups(_workers.Select(w => w.Host).ToList(), _spec.Parallel.Tp).Select(i => _workers[i]).ToList();
+        // Rank hints first (a stable sort keeps registration order among equals), then whole TP groups on one host.
+        var hinted = _workers.OrderBy(w => w.RankHint ?? int.MaxValue).ToList();
+        var placed = ParallelLayout.PlaceTensorParallelGroups(hinted.Select(w => w.Host).ToList(), _spec.Parallel.Tp).Select(i => hinted[i]).ToList();
         _workers.Clear();
         _workers.AddRange(placed);
         var endpoints = _workers.Select(w => w.DataPlaneEndpoint).ToList();
@@ -364,6 +366,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));
             m.Subscriber.Tell(outcome);
         });
+        Command<JobStatusRequest>(_ => Sender.Tell(Status(ended: true)));
         Command<RegisterWorker>(m => m.Worker.Tell(new Shutdown(outcome is JobCompleted, "the job is over")));
         CommandAny(_ => { });
     }
@@ -374,6 +377,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         {
             if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));
         });
+        Command<JobStatusRequest>(_ => Sender.Tell(Status(ended: false)));
         Command<SaveSnapshotSuccess>(_ => { });
         Command<SaveSnapshotFailure>(f => _log.LogWarning("Snapshot failed: {Error}", f.Cause.Message));
     }
@@ -397,6 +401,8 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         foreach (var member in Akka.Cluster.Cluster.Get(Context.System).State.Members.Where(m => m.HasRole(ClusterBootstrap.WorkerRole)))
             Context.ActorSelection(new RootActorPath(member.Address) / "user" / "worker").Tell(message);
     }
+
+    JobStatus Status(bool ended) => new(_state.Generation, _state.CommitsNewestFirst().FirstOrDefault()?.Step ?? 0, ended);
 
     string? LatestCommitDirectory() =>
         _state.CommitsNewestFirst().FirstOrDefault() is { } c ? CheckpointFiles.DirectoryFor(CheckpointsDirectory, c.Step) : null;

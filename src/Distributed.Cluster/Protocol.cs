@@ -8,8 +8,12 @@ namespace Distributed.Cluster;
 // The messages between coordinator, workers, the launcher and whoever watches the job. Control only: tensors go
 // over the data plane.
 
-/// <summary>Worker -> coordinator: I am here and free; my data plane listens at <paramref name="DataPlaneEndpoint"/>.</summary>
-public sealed record RegisterWorker(IActorRef Worker, string DataPlaneEndpoint, string Host, int ProcessId);
+/// <summary>
+/// Worker -> coordinator: I am here and free; my data plane listens at <paramref name="DataPlaneEndpoint"/>.
+/// <paramref name="RankHint"/>: the rank this worker would like (a Kubernetes Job's completion index), so ranks stay
+/// with pods across generations; placing tensor-parallel groups on one host comes first.
+/// </summary>
+public sealed record RegisterWorker(IActorRef Worker, string DataPlaneEndpoint, string Host, int ProcessId, int? RankHint = null);
 
 /// <summary>
 /// Coordinator -> worker: your rank in generation <paramref name="Generation"/>, your peers, the job, the committed
@@ -55,6 +59,12 @@ public sealed record ProcessExited(int ProcessId, string Description);
 
 /// <summary>Coordinator -> workers: the job is over; stop.</summary>
 public sealed record Shutdown(bool JobCompleted, string Reason);
+
+/// <summary>Anyone -> coordinator: how is the job? Answered with <see cref="JobStatus"/> once the journal is replayed (a readiness probe).</summary>
+public sealed record JobStatusRequest;
+
+/// <summary>Coordinator -> asker: the current generation, the newest committed step (0: none), whether the job has ended.</summary>
+public sealed record JobStatus(long Generation, long CommittedStep, bool Ended);
 
 /// <summary>Anyone -> coordinator: send me the job's events (<see cref="JobEvent"/>s).</summary>
 public sealed record SubscribeToJob(IActorRef Subscriber);

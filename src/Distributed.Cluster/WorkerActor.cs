@@ -21,26 +21,39 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     readonly IActorRef _coordinator;
     readonly ILoggerFactory _loggerFactory;
     readonly TaskCompletionSource<int> _exitCode;
+    readonly PreemptionSignal _preemption;
+    readonly int? _rankHint;
     readonly Microsoft.Extensions.Logging.ILogger _log;
     long _generation = -1;
     CancellationTokenSource? _training;   // set while a training thread runs
     AssignRank? _next;                     // an assignment waiting for the previous thread to stop
     WorkerFaults? _faults;
+    CommitNotices? _commits;
 
     sealed record TryRegister;
+    sealed record PreemptionRequested;
     sealed record TrainingStopped(long Generation);
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public WorkerActor(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode)
+    public WorkerActor(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode,
+        PreemptionSignal preemption, int? rankHint)
     {
         _node = node;
         _coordinator = coordinator;
         _loggerFactory = loggerFactory;
         _exitCode = exitCode;
+        _preemption = preemption;
+        _rankHint = rankHint;
         _log = loggerFactory.CreateLogger("worker");
 
-        Receive<TryRegister>(_ => _coordinator.Tell(new RegisterWorker(Self, _node.Endpoint, _node.Host, Environment.ProcessId)));
+        Receive<TryRegister>(_ => _coordinator.Tell(new RegisterWorker(Self, _node.Endpoint, _node.Host, Environment.ProcessId, _rankHint)));
+        // Without a generation there is nothing to save; with one, the training thread stops at the next step (PreemptionGuard).
+        Receive<PreemptionRequested>(_ =>
+        {
+            _log.LogWarning("Asked to stop (SIGTERM){What}", _training is null ? "; not training, exiting" : "; stopping after a checkpoint of the current step");
+            if (_training is null) _exitCode.TrySetResult(ExitCodes.Preempted);
+        });
         Receive<AssignRank>(OnAssignRank);
         Receive<AbortGeneration>(m =>
         {
@@ -51,7 +64,9 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<TrainingStopped>(OnTrainingStopped);
         Receive<CheckpointCommittedNotice>(m =>
         {
-            if (m.Generation == _generation) _faults?.Committed(m.Step, m.Directory);
+            if (m.Generation != _generation) return;
+            _faults?.Committed(m.Step, m.Directory);
+            _commits?.Committed(m.Step);
         });
         Receive<RankStarted>(m => _coordinator.Tell(m));
         Receive<StepDone>(m => _coordinator.Tell(m));
@@ -63,21 +78,27 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         {
             _log.LogInformation("Shutting down: {Reason}", m.Reason);
             _training?.Cancel();
-            _exitCode.TrySetResult(m.JobCompleted ? 0 : 1);
+            _exitCode.TrySetResult(m.JobCompleted ? ExitCodes.Completed : ExitCodes.JobFailed);
         });
     }
 
-    public static Props Props(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode) =>
-        Akka.Actor.Props.Create(() => new WorkerActor(node, coordinator, loggerFactory, exitCode));
+    public static Props Props(DataPlaneNode node, IActorRef coordinator, ILoggerFactory loggerFactory, TaskCompletionSource<int> exitCode,
+        PreemptionSignal preemption, int? rankHint) =>
+        Akka.Actor.Props.Create(() => new WorkerActor(node, coordinator, loggerFactory, exitCode, preemption, rankHint));
 
     // Registration is repeated until a rank arrives: the singleton may not be up yet, or may be restarting.
-    protected override void PreStart() => StartRegistering();
+    protected override void PreStart()
+    {
+        var self = Self;
+        _preemption.Requested.Register(() => self.Tell(new PreemptionRequested()));
+        StartRegistering();
+    }
 
     void StartRegistering() => Timers.StartPeriodicTimer("register", new TryRegister(), TimeSpan.Zero, TimeSpan.FromSeconds(1));
 
     void OnAssignRank(AssignRank m)
     {
-        if (m.Generation <= _generation) return;
+        if (m.Generation <= _generation || _preemption.IsRequested) return;
         Timers.Cancel("register");
         if (_training is not null)
         {
@@ -90,8 +111,9 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         _training = new CancellationTokenSource();
         var logger = _loggerFactory.CreateLogger($"worker.rank{m.Rank}");
         _faults = new WorkerFaults(m.Faults, m.Rank, m.Endpoints.Count, _coordinator, logger);
-        var (self, token, faults) = (Self, _training.Token, _faults);
-        var thread = new Thread(() => TrainingLoop(m, self, faults, logger, token)) { IsBackground = true, Name = $"training-rank-{m.Rank}" };
+        _commits = new CommitNotices();
+        var (self, token, faults, commits) = (Self, _training.Token, _faults, _commits);
+        var thread = new Thread(() => TrainingLoop(m, self, faults, commits, logger, token)) { IsBackground = true, Name = $"training-rank-{m.Rank}" };
         thread.Start();
     }
 
@@ -101,12 +123,14 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         _training?.Dispose();
         _training = null;
         if (_exitCode.Task.IsCompleted) return;
+        if (_preemption.IsRequested) { _exitCode.TrySetResult(ExitCodes.Preempted); return; }
         if (_next is { } next) { _next = null; OnAssignRank(next); }
         else StartRegistering();
     }
 
     /// <summary>Runs on the training thread; talks to the actor only by message.</summary>
-    void TrainingLoop(AssignRank assignment, IActorRef self, WorkerFaults faults, Microsoft.Extensions.Logging.ILogger logger, CancellationToken cancellation)
+    void TrainingLoop(AssignRank assignment, IActorRef self, WorkerFaults faults, CommitNotices commits, Microsoft.Extensions.Logging.ILogger logger,
+        CancellationToken cancellation)
     {
         long generation = assignment.Generation;
         int rank = assignment.Rank;
@@ -133,7 +157,10 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 using var telemetry = WorkerTelemetry.Start(spec, _node, links, groups, options, gpuUsed: kernels.Description.Contains("Cuda", StringComparison.OrdinalIgnoreCase), cancellation);
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
                 if (telemetry is not null) telemetry.TensorBytes = trainer.Model.Parameters.Sum(p => p.Tensor.NumberOfElements * p.Tensor.ElementSize) * 4;   // weights, gradients, 2 moments
-                trainer.Run(new Reporter(self, generation, rank, trainer.IsLeader, loading.Elapsed.TotalMilliseconds, faults, telemetry), cancellationToken: cancellation);
+                var world = new ProcessGroup(links, ParallelLayout.WorldGroupId, Enumerable.Range(0, layout.World).ToArray(), options);
+                var preemption = new PreemptionGuard(_preemption, world, trainer, commits, spec.Train.MaxIters,
+                    reason => self.Tell(new WorkerFailed(generation, rank, reason, null, Fatal: false)), logger, cancellation);
+                trainer.Run(new Reporter(self, generation, rank, trainer.IsLeader, loading.Elapsed.TotalMilliseconds, faults, telemetry, preemption), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));
             }
             finally
@@ -144,6 +171,10 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         catch (Exception) when (cancellation.IsCancellationRequested)
         {
             logger.LogInformation("Rank {Rank} stopped generation {Generation}", rank, generation);
+        }
+        catch (PreemptionStop stop)
+        {
+            logger.LogInformation("Rank {Rank} stopped generation {Generation} after step {Step} for a preemption", rank, generation, stop.Step);
         }
         catch (Exception e)
         {
@@ -169,7 +200,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     /// display needs no more, and on a small machine every message costs the training loop CPU. metrics.jsonl keeps
     /// every step. When the job is watched, every rank also reports a sample every cluster.report-interval.
     /// </summary>
-    sealed class Reporter(IActorRef self, long generation, int rank, bool reports, double loadMs, WorkerFaults faults, WorkerTelemetry? telemetry) : ITrainingObserver
+    sealed class Reporter(IActorRef self, long generation, int rank, bool reports, double loadMs, WorkerFaults faults, WorkerTelemetry? telemetry, PreemptionGuard preemption) : ITrainingObserver
     {
         static readonly TimeSpan ReportInterval = TimeSpan.FromMilliseconds(200);
         readonly System.Diagnostics.Stopwatch _sinceReport = new();
@@ -189,6 +220,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             if (!display && sample is null) return;
             if (display) _sinceReport.Restart();
             self.Tell(new StepDone(generation, rank, metrics, sample));
+            preemption.AfterStep(metrics.Step);
         }
 
         public void OnEval(EvalResult result)

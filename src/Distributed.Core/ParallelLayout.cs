@@ -132,6 +132,9 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
     /// <summary>The group of every rank that measures the links at a generation's start (Distributed.Comm.LinkProbe).</summary>
     public const int LinkProbeGroupId = 19;   // after SpanningGroup's ids
 
+    /// <summary>The group of every rank of the job (the worker's per-step preemption check).</summary>
+    public const int WorldGroupId = 20;
+
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
 
     /// <summary>

@@ -26,7 +26,7 @@ public sealed class UninterruptedRun
 /// weights and optimizer state are byte for byte those of the uninterrupted run, and the journal shows that every
 /// new generation started from the newest commit that was intact.
 /// </summary>
-public partial class FaultTests(UninterruptedRun reference) : IClassFixture<UninterruptedRun>
+public partial class FaultTests(UninterruptedRun reference, Xunit.Abstractions.ITestOutputHelper output) : IClassFixture<UninterruptedRun>
 {
     const int SigTerm = 15;
 
