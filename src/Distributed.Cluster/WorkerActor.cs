@@ -217,10 +217,12 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             faults.AfterStep(metrics.Step);
             var sample = telemetry?.OnStep(metrics);
             bool display = reports && (!_sinceReport.IsRunning || _sinceReport.Elapsed >= ReportInterval || metrics.Step == _lastStep);
-            if (!display && sample is null) return;
-            if (display) _sinceReport.Restart();
-            self.Tell(new StepDone(generation, rank, metrics, sample));
-            preemption.AfterStep(metrics.Step);
+            if (display || sample is not null)
+            {
+                if (display) _sinceReport.Restart();
+                self.Tell(new StepDone(generation, rank, metrics, sample));
+            }
+            preemption.AfterStep(metrics.Step);   // a collective: every rank, every step
         }
 
         public void OnEval(EvalResult result)
