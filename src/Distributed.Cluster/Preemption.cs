@@ -73,7 +73,7 @@ sealed class PreemptionStop(long step) : Exception($"stopped after step {step} f
 /// and none has started the next. Then each writes its shard of that step and waits for the coordinator's commit;
 /// the signalled ranks report the preemption (the coordinator aborts the generation, and the next one resumes from
 /// this commit) and the others wait for that abort. The last step needs nothing: the trainer's final checkpoint
-/// follows it. The check costs one 4-byte all-reduce per step (tens of microseconds, README "Kubernetes").
+/// follows it. The check costs one 4-byte all-reduce per step (bench/allreduce: about 20 us over shared memory, 0.2 ms over TCP).
 /// </summary>
 sealed class PreemptionGuard(PreemptionSignal signal, IProcessGroup world, Trainer trainer, CommitNotices commits, long lastStep,
     Action<string> reportStop, ILogger logger, CancellationToken cancellation)
