@@ -55,9 +55,14 @@ public class MultiHostTests(LoopbackReference reference, ITestOutputHelper outpu
         // The workers start before the coordinator's name exists (pods scheduled before the master's): they retry it.
         var a = run.Worker(WorkerA, index: 0);
         var b = run.Worker(WorkerB, index: 1);
+        // Alive while the seed's name does not resolve (polled: a loaded machine may take seconds to start a process).
+        var live = System.Diagnostics.Stopwatch.StartNew();
+        string liveness = "";
+        while (live.Elapsed < TimeSpan.FromSeconds(60) && (liveness = net.HttpGet(WorkerA, WorkerA, 8080, "/livez")) != "HTTP/1.1 200 OK")
+            await Task.Delay(TimeSpan.FromMilliseconds(500));
         await Task.Delay(TimeSpan.FromSeconds(2));
         Assert.False(a.HasExited || b.HasExited, "a worker gave up on a seed name that does not resolve yet\n" + run.Logs());
-        Assert.Equal("HTTP/1.1 200 OK", net.HttpGet(WorkerA, WorkerA, 8080, "/livez"));
+        Assert.Equal("HTTP/1.1 200 OK", liveness);
         Assert.Equal("HTTP/1.1 503 Service Unavailable", net.HttpGet(WorkerA, WorkerA, 8080, "/readyz"));   // not in a cluster yet
         net.AddName(CoordinatorName, CoordinatorHost);
         var coordinator = run.Coordinator();
