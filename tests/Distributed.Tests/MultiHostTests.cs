@@ -71,6 +71,7 @@ public class MultiHostTests(LoopbackReference reference, ITestOutputHelper outpu
             Assert.Equal("HTTP/1.1 200 OK", net.HttpGet(WorkerA, host, 8080, "/readyz"));   // across hosts
         await run.WaitForAll([coordinator, a, b]);
 
+        Assert.Contains($"on {TestNetwork.Hostname(WorkerA)}: data plane http://{net.Address(WorkerA)}:2553", File.ReadAllText(run.LogOf(a)));   // its own hostname and POD_IP
         Assert.Contains("does not resolve yet", File.ReadAllText(run.LogOf(a)));
         Assert.Contains($"Seed {CoordinatorName} resolved to {net.Address(CoordinatorHost)}", File.ReadAllText(run.LogOf(a)));
         AssertBitIdentical(run);
