@@ -156,9 +156,11 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                 var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
                 using var telemetry = WorkerTelemetry.Start(spec, _node, links, groups, options, gpuUsed: kernels.Description.Contains("Cuda", StringComparison.OrdinalIgnoreCase), cancellation);
                 using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
-                if (telemetry is not null) telemetry.TensorBytes = trainer.Model.Parameters.Sum(p => p.Tensor.NumberOfElements * p.Tensor.ElementSize) * 4;   // weights, gradients, 2 moments
-                var world = new ProcessGroup(links, ParallelLayout.WorldGroupId, Enumerable.Range(0, layout.World).ToArray(), options);
-                var preemption = new PreemptionGuard(_preemption, world, trainer, commits, spec.Train.MaxIters,
+                // What this rank holds: its weights and moments (a share of them under ZeRO-1), and gradients the size of the weights.
+                if (telemetry is not null)
+                    telemetry.TensorBytes = trainer.StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize)
+                        + trainer.Model.Parameters.Sum(p => p.Tensor.NumberOfElements * p.Tensor.ElementSize);
+                var preemption = new PreemptionGuard(_preemption, groups.World, trainer, commits, spec.Train.MaxIters,
                     reason => self.Tell(new WorkerFailed(generation, rank, reason, null, Fatal: false)), logger, cancellation);
                 trainer.Run(new Reporter(self, generation, rank, trainer.IsLeader, loading.Elapsed.TotalMilliseconds, faults, telemetry, preemption), cancellationToken: cancellation);
                 self.Tell(new WorkerFinished(generation, rank, trainer.Step));

@@ -38,8 +38,12 @@ public readonly record struct RankCoordinates(int Tp, int Dp, int Pp)
 /// <summary>The axes of the grid; each rank belongs to exactly one group per axis.</summary>
 public enum ParallelAxis { Data, Tensor, Pipeline }
 
-/// <summary>Groups that are not one axis: the embedding group (first and last stage, the tied weight) and the model-parallel group (every tp x pp rank of one data-parallel index).</summary>
-public enum SpanningGroup { Embedding = 17, ModelParallel = 18 }
+/// <summary>
+/// Groups that are not one axis (their data-plane ids, after the axes' and the compressed data group's): the
+/// embedding group (first and last stage, the tied weight), the model-parallel group (every tp x pp rank of one
+/// data-parallel index) and the world (every rank: the link probe, the per-step preemption check).
+/// </summary>
+public enum SpanningGroup { Embedding = 17, ModelParallel = 18, World = 19 }
 
 /// <summary>
 /// The dp x tp x pp grid of a job (torchtitan's ParallelDims): one validated record that every part of the
@@ -129,11 +133,6 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
         return Enumerable.Range(0, Pp).SelectMany(p => Enumerable.Range(0, Tp).Select(t => RankAt(new RankCoordinates(t, c.Dp, p)))).ToArray();
     }
 
-    /// <summary>The group of every rank that measures the links at a generation's start (Distributed.Comm.LinkProbe).</summary>
-    public const int LinkProbeGroupId = 19;   // after SpanningGroup's ids
-
-    /// <summary>The group of every rank of the job (the worker's per-step preemption check).</summary>
-    public const int WorldGroupId = 20;
 
     public override string ToString() => $"dp={Dp} x tp={Tp} x pp={Pp}";
 

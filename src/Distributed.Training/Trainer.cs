@@ -170,7 +170,7 @@ public sealed class Trainer : IDisposable
                 stageTimes.WriteLine(JsonSerializer.Serialize(new
                 {
                     step = m.Step, stage = _stage.Index, step_ms = Math.Round(m.StepMs, 3), wait_ms = Math.Round(_pipeline.Waiting.TotalMilliseconds, 3),
-                    peak_in_flight = _pipeline.PeakInFlight, peak_rss_bytes = Environment.WorkingSet > 0 ? Process.GetCurrentProcess().PeakWorkingSet64 : 0,
+                    peak_in_flight = _pipeline.PeakInFlight, peak_rss_bytes = PeakResidentBytes(),
                 }));
 
             if (Step % _spec.Train.EvalInterval == 0 || Step == _spec.Train.MaxIters)
@@ -214,6 +214,12 @@ public sealed class Trainer : IDisposable
             var bytes = TensorBytes.Of(p.Tensor, p.Name);
             Wait(_dataParallel!.BroadcastAsync(bytes.Memory(0, checked((int)bytes.Length)), _optimizerOwner![p.Name], deadline));
         }
+    }
+
+    static long PeakResidentBytes()
+    {
+        using var self = Process.GetCurrentProcess();
+        return self.PeakWorkingSet64;
     }
 
     StreamWriter OpenStageTimes()

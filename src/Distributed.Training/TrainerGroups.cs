@@ -8,10 +8,11 @@ namespace Distributed.Training;
 /// <see cref="Gradients"/> is the data-parallel group gradients are averaged over (a compressed one may be given);
 /// <see cref="Data"/> the exact one (weights, losses, evaluations). <see cref="Pipeline"/> connects the stages,
 /// <see cref="Embedding"/> the first and last stage (null elsewhere and without a pipeline), and
-/// <see cref="ModelParallel"/> every tp x pp rank of one data-parallel index (the gradient norm).
+/// <see cref="ModelParallel"/> every tp x pp rank of one data-parallel index (the gradient norm), <see cref="World"/>
+/// every rank (the worker's link probe and preemption check, one after the other on the training thread).
 /// </summary>
 public sealed record TrainerGroups(ParallelLayout Layout, int Rank, IProcessGroup Data, IProcessGroup Gradients, IProcessGroup Tensor,
-    IProcessGroup Pipeline, IProcessGroup? Embedding, IProcessGroup ModelParallel)
+    IProcessGroup Pipeline, IProcessGroup? Embedding, IProcessGroup ModelParallel, IProcessGroup World)
 {
     public RankCoordinates Coordinates => Layout.Coordinates(Rank);
 
@@ -27,6 +28,7 @@ public sealed record TrainerGroups(ParallelLayout Layout, int Rank, IProcessGrou
         var embedding = layout.EmbeddingGroup(rank);
         return new TrainerGroups(layout, rank, data, gradients, Along(ParallelAxis.Tensor), Along(ParallelAxis.Pipeline),
             embedding.Length > 0 ? new ProcessGroup(links, (int)SpanningGroup.Embedding, embedding, options) : null,
-            new ProcessGroup(links, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank), options));
+            new ProcessGroup(links, (int)SpanningGroup.ModelParallel, layout.ModelParallelGroup(rank), options),
+            new ProcessGroup(links, (int)SpanningGroup.World, Enumerable.Range(0, layout.World).ToArray(), options));
     }
 }

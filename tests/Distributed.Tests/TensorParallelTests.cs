@@ -47,21 +47,23 @@ public class TensorParallelTests
     }
 
     /// <summary>Runs <paramref name="work"/> on tp ranks, each on its own thread, joined over shared memory.</summary>
-    static async Task<T[]> OnRanks<T>(int tp, Func<TensorParallelGroup, Recording, T> work)
+    static Task<T[]> OnRanks<T>(int tp, Func<TensorParallelGroup, Recording, T> work) => OnThreads(tp, (links, _) =>
     {
-        var nodes = await Task.WhenAll(Enumerable.Range(0, tp).Select(_ => DataPlaneNode.StartAsync()));
+        var recording = new Recording(new ProcessGroup(links, ParallelLayout.GroupId(ParallelAxis.Tensor), Enumerable.Range(0, tp).ToArray()));
+        var group = new TensorParallelGroup(recording) { Cancellation = new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token };
+        return work(group, recording);
+    });
+
+    /// <summary><paramref name="ranks"/> data-plane nodes of this process joined over real shared-memory links, each rank's work on its own thread.</summary>
+    static async Task<T[]> OnThreads<T>(int ranks, Func<PeerLinks, int, T> work)
+    {
+        var nodes = await Task.WhenAll(Enumerable.Range(0, ranks).Select(_ => DataPlaneNode.StartAsync()));
         var endpoints = nodes.Select(n => n.Endpoint).ToArray();
-        for (int r = 0; r < tp; r++) nodes[r].BeginGeneration(1, r);
+        for (int r = 0; r < ranks; r++) nodes[r].BeginGeneration(1, r);
         var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
         try
         {
-            var tasks = links.Select(l => Task.Factory.StartNew(() =>
-            {
-                var recording = new Recording(new ProcessGroup(l, ParallelLayout.GroupId(ParallelAxis.Tensor), Enumerable.Range(0, tp).ToArray()));
-                var group = new TensorParallelGroup(recording) { Cancellation = new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token };
-                return work(group, recording);
-            }, TaskCreationOptions.LongRunning)).ToArray();
-            return await Task.WhenAll(tasks);
+            return await Task.WhenAll(links.Select((l, rank) => Task.Factory.StartNew(() => work(l, rank), TaskCreationOptions.LongRunning)));
         }
         finally
         {
@@ -168,27 +170,15 @@ public class TensorParallelTests
         });
 
     /// <summary>Trainers of every rank of the layout, each on its own thread, joined over shared memory as the worker joins them.</summary>
-    internal static async Task<T[]> TrainInProcess<T>(JobSpec spec, int world, Func<Distributed.Training.Trainer, T> work)
+    internal static Task<T[]> TrainInProcess<T>(JobSpec spec, int world, Func<Distributed.Training.Trainer, T> work)
     {
         var layout = ParallelLayout.For(spec, world);
-        var nodes = await Task.WhenAll(Enumerable.Range(0, world).Select(_ => DataPlaneNode.StartAsync()));
-        var endpoints = nodes.Select(n => n.Endpoint).ToArray();
-        for (int r = 0; r < world; r++) nodes[r].BeginGeneration(1, r);
-        var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
-        try
+        return OnThreads(world, (links, rank) =>
         {
-            return await Task.WhenAll(links.Select((l, rank) => Task.Factory.StartNew(() =>
-            {
-                var groups = Distributed.Training.TrainerGroups.Create(l, layout, rank, new CollectiveOptions());
-                using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
-                return work(t);
-            }, TaskCreationOptions.LongRunning)));
-        }
-        finally
-        {
-            foreach (var l in links) await l.DisposeAsync();
-            foreach (var n in nodes) await n.DisposeAsync();
-        }
+            var groups = Distributed.Training.TrainerGroups.Create(links, layout, rank, new CollectiveOptions());
+            using var t = new Distributed.Training.Trainer(spec, TestSupport.Logger, null, groups, new Distributed.Training.Checkpoints.ShardWriter(new NoCommit()));
+            return work(t);
+        });
     }
 
     /// <summary>

@@ -33,7 +33,7 @@ public sealed class JobMetrics
         _info = f.CreateGauge("dtrain_job_info", "The job: always 1, its name and layout as labels.", "job", "layout");
         _state = f.CreateGauge("dtrain_job_state", "1 for the job's current state, 0 for the others.", "state");
         _generation = f.CreateGauge("dtrain_generation", "The current generation (each start or recovery of the job is one).");
-        _step = f.CreateGauge("dtrain_step", "Optimizer steps completed (rank 0's latest report).");
+        _step = f.CreateGauge("dtrain_step", "Optimizer steps completed (the reporting rank's latest report: the last pipeline stage's).");
         _maxSteps = f.CreateGauge("dtrain_max_steps", "The step the job trains to (train.max-iters).");
         _loss = f.CreateGauge("dtrain_train_loss", "Training loss of the latest reported step (mean over the global batch).", Absent);
         _lr = f.CreateGauge("dtrain_learning_rate", "Learning rate of the latest reported step.", Absent);

@@ -46,8 +46,7 @@ public sealed class WorkerTelemetry : IDisposable
         bool gpuUsed, CancellationToken cancellationToken)
     {
         if (!spec.Observability.Serves) return null;
-        var world = new ProcessGroup(links, ParallelLayout.LinkProbeGroupId, Enumerable.Range(0, groups.Layout.World).ToArray(), options);
-        double capacity = LinkProbe.MeasureAsync(world, cancellationToken: cancellationToken).GetAwaiter().GetResult();
+        double capacity = LinkProbe.MeasureAsync(groups.World, cancellationToken: cancellationToken).GetAwaiter().GetResult();
         return new WorkerTelemetry(spec, node, groups, capacity, gpuUsed);
     }
 

@@ -5,8 +5,9 @@ using static TorchSharp.torch;
 namespace Distributed.Model.Parallel;
 
 /// <summary>
-/// The tensor-parallel group as the layers use it: blocking all-reduces of tensors, called from forward and from
-/// autograd's backward on the training thread. Each waits at most the step's deadline (<see cref="Cancellation"/>,
+/// A process group as the layers and the training thread use it: blocking all-reduces of tensors, called from
+/// forward and from autograd's backward (the tensor-parallel group), and by the trainer for the embedding and
+/// model-parallel groups. Each waits at most the step's deadline (<see cref="Cancellation"/>,
 /// set by the trainer) on top of the group's per-chunk one. Backward runs inside libtorch's engine, where an
 /// exception would end the process, so a failure there is kept (<see cref="ThrowIfFailed"/>), and every later
 /// all-reduce of that pass returns at once instead of waiting for a peer that is gone.
