@@ -108,7 +108,7 @@ static class BenchCommand
                 }
                 endpoints[r] = File.ReadAllText(file);
             }
-            node.BeginGeneration(1, rank);
+            node.BeginGeneration(1, rank, n);
             await using var links = new PeerLinks(node, 1, endpoints, kind);
             var group = new ProcessGroup(links, 0, Enumerable.Range(0, n).ToArray(), new CollectiveOptions { OneShotMaxBytes = oneShotMaxBytes });
             foreach (long bytes in sizes)

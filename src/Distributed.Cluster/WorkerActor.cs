@@ -138,7 +138,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         {
             var loading = System.Diagnostics.Stopwatch.StartNew();
             var spec = JobConfigLoader.Parse(assignment.JobHocon, origin: "the coordinator's job");
-            _node.BeginGeneration(generation, rank);
+            _node.BeginGeneration(generation, rank, assignment.Endpoints.Count);
             var transport = TransportKinds.Parse(spec.Cluster.Transport);
             // Disposed after the links below: no collective of this generation runs on the kernels any more.
             using var kernels = ReductionKernels.ForJob(spec.Cluster.Kernels);

@@ -5,13 +5,17 @@ namespace Distributed.Comm;
 /// <summary>What one worker's data plane has moved since its process started: payload bytes sent and received, every transport.</summary>
 public sealed class DataPlaneCounters
 {
-    long _sent, _received;
+    long _sent, _received, _rejected;
 
     public long BytesSent => Interlocked.Read(ref _sent);
     public long BytesReceived => Interlocked.Read(ref _received);
 
     internal void Sent(long bytes) => Interlocked.Add(ref _sent, bytes);
     internal void Received(long bytes) => Interlocked.Add(ref _received, bytes);
+
+    /// <summary>Chunks, connections and handshakes refused as malformed, unauthenticated or out of range.</summary>
+    public long Rejected => Interlocked.Read(ref _rejected);
+    internal void CountRejected() => Interlocked.Increment(ref _rejected);
 }
 
 /// <summary>

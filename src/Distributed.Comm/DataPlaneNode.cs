@@ -1,7 +1,11 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
+using System.Security.Cryptography;
+using Distributed.Comm.Protos;
+using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
@@ -26,6 +30,12 @@ public sealed class DataPlaneNode : IAsyncDisposable
 {
     internal const int MaxMessageBytes = 64 << 20;
     internal const int BulkHeaderBytes = 44;
+    /// <summary>What a raw-TCP bulk connection sends first: a magic number, then the link secret its Hello returned.</summary>
+    internal const int BulkPreambleBytes = 4 + LinkSecretBytes;
+    internal const int LinkSecretBytes = 16;
+    internal const uint BulkMagic = 0x31425444;   // "DTB1"
+    /// <summary>Hellos one peer may make per generation (a reconnect after a failed connect makes another).</summary>
+    const int MaxHellosPerPeer = 8;
 
     readonly WebApplication _app;
     readonly TcpListener _bulkListener;
@@ -50,6 +60,14 @@ public sealed class DataPlaneNode : IAsyncDisposable
     }
 
     public Mailbox Mailbox { get; }
+
+    /// <summary>How long an accepted bulk connection may take to present its link secret before it is closed.</summary>
+    public TimeSpan HandshakeTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>Secrets handed out by this generation's Hellos, and to whom (hex of the secret).</summary>
+    readonly ConcurrentDictionary<string, (long Generation, int Source)> _linkSecrets = new();
+    readonly ConcurrentDictionary<int, int> _hellosFrom = new();
+    int _worldSize;
 
     /// <summary>Bytes this worker's data plane moved (for its reports).</summary>
     public DataPlaneCounters Counters { get; } = new();
@@ -107,12 +125,58 @@ public sealed class DataPlaneNode : IAsyncDisposable
         return node;
     }
 
-    /// <summary>Enters a generation with a rank: traffic of every other generation is rejected from now on.</summary>
-    public void BeginGeneration(long generation, int rank)
+    /// <summary>
+    /// Enters a generation with a rank in a world of <paramref name="worldSize"/>: traffic of every other generation,
+    /// and of connections authenticated in another, is rejected from now on.
+    /// </summary>
+    public void BeginGeneration(long generation, int rank, int worldSize)
     {
+        if (rank < 0 || rank >= worldSize) throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is outside a world of {worldSize}");
         Rank = rank;
-        Mailbox.Reset(generation);
+        _worldSize = worldSize;
+        _linkSecrets.Clear();
+        _hellosFrom.Clear();
+        Mailbox.Reset(generation, rank, worldSize);
         CloseInboundRings();
+    }
+
+    /// <summary>
+    /// A sender's handshake: checked against this node's generation and world, then answered with a fresh link secret
+    /// and the bulk paths it may use. Malformed or unexpected requests are refused with the reason, not served.
+    /// </summary>
+    internal HelloReply AcceptHello(HelloRequest request)
+    {
+        long generation = Mailbox.Generation;
+        int source = request.SourceRank;
+        RpcException Refuse(StatusCode code, string why)
+        {
+            Counters.CountRejected();
+            return new RpcException(new Status(code, why));
+        }
+        if (Rank < 0) throw Refuse(StatusCode.FailedPrecondition, "this node is in no generation yet");
+        if (request.Generation != generation)
+            throw Refuse(StatusCode.FailedPrecondition, $"rank {Rank} is in generation {generation}, rank {source} in {request.Generation}");
+        if (source < 0 || source >= _worldSize || source == Rank)
+            throw Refuse(StatusCode.InvalidArgument, $"source rank {source} is not another rank of this generation's world of {_worldSize}");
+        if (request.HostId.Length > 512) throw Refuse(StatusCode.InvalidArgument, $"a host id of {request.HostId.Length} characters");
+        if (_hellosFrom.AddOrUpdate(source, 1, (_, n) => n + 1) > MaxHellosPerPeer)
+            throw Refuse(StatusCode.ResourceExhausted, $"rank {source} already made {MaxHellosPerPeer} handshakes in generation {generation}");
+        byte[] secret = RandomNumberGenerator.GetBytes(LinkSecretBytes);
+        _linkSecrets[Convert.ToHexString(secret)] = (generation, source);
+        var reply = new HelloReply { Generation = generation, Rank = Rank, BulkPort = BulkPort, LinkSecret = Google.Protobuf.ByteString.CopyFrom(secret) };
+        if (request.WantSharedMemory && request.HostId == HostId)
+            reply.SharedMemoryPath = OpenInboundRing(source, generation);
+        return reply;
+    }
+
+    /// <summary>The sender a link secret of the current generation was given to, or null (unknown, or another generation's).</summary>
+    internal int? Authenticate(ReadOnlySpan<byte> secret, long generation)
+    {
+        if (secret.Length == LinkSecretBytes && _linkSecrets.TryGetValue(Convert.ToHexString(secret), out var owner) &&
+            owner.Generation == generation && generation == Mailbox.Generation)
+            return owner.Source;
+        Counters.CountRejected();
+        return null;
     }
 
     /// <summary>Creates the ring a peer on this host writes into, and a thread that drains it into the mailbox.</summary>
@@ -122,13 +186,14 @@ public sealed class DataPlaneNode : IAsyncDisposable
         string path = Path.Combine(directory, $"dtrain-{Environment.ProcessId}-{Guid.NewGuid():N}-g{generation}-from{sourceRank}");
         var ring = SharedMemoryRing.Create(path, RingCapacity);
         var stop = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
-        var reader = new Thread(() => DrainRing(ring, stop.Token)) { IsBackground = true, Name = $"shm-from-{sourceRank}" };
+        var reader = new Thread(() => DrainRing(ring, sourceRank, generation, stop.Token)) { IsBackground = true, Name = $"shm-from-{sourceRank}" };
         lock (_inboundRings) _inboundRings.Add((ring, stop, reader));
         reader.Start();
         return path;
     }
 
-    void DrainRing(SharedMemoryRing ring, CancellationToken stop)
+    /// <summary>Delivers what the ring's one writer, <paramref name="source"/>, sends; traffic claiming another sender ends the link.</summary>
+    void DrainRing(SharedMemoryRing ring, int source, long generation, CancellationToken stop)
     {
         var header = new byte[BulkHeaderBytes];
         try
@@ -137,13 +202,14 @@ public sealed class DataPlaneNode : IAsyncDisposable
             {
                 byte[]? payload = null;
                 ring.Read(header, length => payload = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1)),
-                    h => BinaryPrimitives.ReadInt32LittleEndian(h[36..]), stop);
+                    h => Math.Clamp(BinaryPrimitives.ReadInt32LittleEndian(h[36..]), 0, MaxMessageBytes), stop);
                 var chunkHeader = ReadHeader(header, out int length);
-                try { Deliver(chunkHeader, new ReceivedChunk(payload.AsMemory(0, length), payload)); }
+                try { DeliverFrom(source, generation, chunkHeader, new ReceivedChunk(payload.AsMemory(0, length), payload)); }
                 catch (StaleGenerationException e) { _logger.LogWarning("{Message}", e.Message); }
             }
         }
         catch (OperationCanceledException) { }
+        catch (DataPlaneProtocolException e) when (!stop.IsCancellationRequested) { PeerStreamBroke(source, e); }
     }
 
     void CloseInboundRings()
@@ -168,11 +234,33 @@ public sealed class DataPlaneNode : IAsyncDisposable
         }
     }
 
-    internal void Deliver(ChunkHeader header, ReceivedChunk chunk)
+    /// <summary>
+    /// Delivers a chunk that arrived on a connection authenticated as <paramref name="source"/> in <paramref name="generation"/>.
+    /// </summary>
+    /// <exception cref="DataPlaneProtocolException">the chunk claims another sender or generation than its connection's, or is out of range</exception>
+    internal void DeliverFrom(int source, long generation, ChunkHeader header, ReceivedChunk chunk)
+    {
+        if (header.SourceRank != source || header.Generation != generation)
+        {
+            chunk.Dispose();
+            Counters.CountRejected();
+            throw new DataPlaneProtocolException(
+                $"a connection of rank {source} (generation {generation}) carried a chunk of rank {header.SourceRank}, generation {header.Generation}");
+        }
+        Deliver(header, chunk);
+    }
+
+    void Deliver(ChunkHeader header, ReceivedChunk chunk)
     {
         if (header.OpId == ProcessGroup.LivenessOpId) { chunk.Dispose(); return; }   // only tells the server who is on the stream
         if (header.OpId == ProcessGroup.AbortOpId)
         {
+            if (chunk.Payload.Length is < 4 or > 64 << 10)
+            {
+                chunk.Dispose();
+                Counters.CountRejected();
+                throw new DataPlaneProtocolException($"an abort notice of {chunk.Payload.Length} bytes from rank {header.SourceRank}");
+            }
             int failed = BinaryPrimitives.ReadInt32LittleEndian(chunk.Payload.Span);
             string reason = System.Text.Encoding.UTF8.GetString(chunk.Payload.Span[4..]);
             chunk.Dispose();
@@ -205,38 +293,63 @@ public sealed class DataPlaneNode : IAsyncDisposable
         catch (SocketException) { }
     }
 
-    /// <summary>Frames: a 44-byte header (generation, source, group, op, seq, offset, length) then the payload.</summary>
+    /// <summary>
+    /// A preamble (magic, link secret) within <see cref="HandshakeTimeout"/>, then frames: a 44-byte header (generation,
+    /// source, group, op, seq, offset, length) and the payload. A connection that does not authenticate is closed
+    /// without effect; one that did and then breaks or misbehaves fails its sender.
+    /// </summary>
     async Task ReadBulkConnectionAsync(Socket socket)
     {
         int? source = null;
-        var headerBytes = new byte[BulkHeaderBytes];
         try
         {
             await using var stream = new NetworkStream(socket, ownsSocket: true);
-            while (true)
+            long generation = Mailbox.Generation;
+            var preamble = new byte[BulkPreambleBytes];
+            using (var handshake = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token))
             {
-                await stream.ReadExactlyAsync(headerBytes, _stopping.Token).ConfigureAwait(false);
-                var header = ReadHeader(headerBytes, out int length);
-                source = header.SourceRank;
-                byte[] payload = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1));
-                await stream.ReadExactlyAsync(payload.AsMemory(0, length), _stopping.Token).ConfigureAwait(false);
-                try
+                handshake.CancelAfter(HandshakeTimeout);
+                try { await stream.ReadExactlyAsync(preamble, handshake.Token).ConfigureAwait(false); }
+                catch (OperationCanceledException) when (!_stopping.IsCancellationRequested)
                 {
-                    Deliver(header, new ReceivedChunk(payload.AsMemory(0, length), payload));
-                }
-                catch (StaleGenerationException e)
-                {
-                    // Closing the connection tells the sender: its next write fails.
-                    _logger.LogWarning("{Message}", e.Message);
+                    Counters.CountRejected();
+                    _logger.LogWarning("Closed a bulk connection from {Remote} that sent no handshake within {Seconds:0.#} s", socket.RemoteEndPoint, HandshakeTimeout.TotalSeconds);
                     return;
                 }
             }
+            if (BinaryPrimitives.ReadUInt32LittleEndian(preamble) != BulkMagic || Authenticate(preamble.AsSpan(4), generation) is not int sender)
+            {
+                if (BinaryPrimitives.ReadUInt32LittleEndian(preamble) != BulkMagic) Counters.CountRejected();
+                _logger.LogWarning("Closed a bulk connection from {Remote}: no valid link secret of generation {Generation}", socket.RemoteEndPoint, generation);
+                return;
+            }
+            source = sender;
+            await ReadBulkFramesAsync(stream, sender, generation).ConfigureAwait(false);
+        }
+        catch (StaleGenerationException e)
+        {
+            // Closing the connection tells the sender: its next write fails.
+            _logger.LogWarning("{Message}", e.Message);
         }
         catch (Exception e) when (!_stopping.IsCancellationRequested && source is int rank)
         {
             PeerStreamBroke(rank, e);
         }
         catch (Exception) { }
+    }
+
+    async Task ReadBulkFramesAsync(Stream stream, int source, long generation)
+    {
+        var headerBytes = new byte[BulkHeaderBytes];
+        while (true)
+        {
+            await stream.ReadExactlyAsync(headerBytes, _stopping.Token).ConfigureAwait(false);
+            var header = ReadHeader(headerBytes, out int length);
+            byte[] payload = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1));
+            try { await stream.ReadExactlyAsync(payload.AsMemory(0, length), _stopping.Token).ConfigureAwait(false); }
+            catch { ArrayPool<byte>.Shared.Return(payload); throw; }
+            DeliverFrom(source, generation, header, new ReceivedChunk(payload.AsMemory(0, length), payload));
+        }
     }
 
     internal static void WriteHeader(Span<byte> span, ChunkHeader header, int length)
@@ -254,7 +367,7 @@ public sealed class DataPlaneNode : IAsyncDisposable
     internal static ChunkHeader ReadHeader(ReadOnlySpan<byte> span, out int length)
     {
         length = BinaryPrimitives.ReadInt32LittleEndian(span[36..]);
-        if (length < 0 || length > MaxMessageBytes) throw new InvalidDataException($"bulk frame of {length} bytes");
+        if (length < 0 || length > MaxMessageBytes) throw new DataPlaneProtocolException($"bulk frame of {length} bytes");
         return new ChunkHeader(BinaryPrimitives.ReadInt64LittleEndian(span), BinaryPrimitives.ReadInt32LittleEndian(span[8..]),
             BinaryPrimitives.ReadInt32LittleEndian(span[12..]), BinaryPrimitives.ReadInt64LittleEndian(span[16..]),
             BinaryPrimitives.ReadInt32LittleEndian(span[24..]), BinaryPrimitives.ReadInt64LittleEndian(span[28..]));

@@ -7,17 +7,33 @@ namespace Distributed.Comm;
 /// <summary>The gRPC side of a worker's data plane: accepts chunk streams and handshakes.</summary>
 sealed class DataPlaneService(DataPlaneNode node) : DataPlane.DataPlaneBase
 {
+    /// <summary>
+    /// A sender's chunk stream. Its first message is a liveness chunk carrying the link secret of an accepted Hello;
+    /// a stream without one is refused and changes nothing. After it, every chunk must be that sender's, of that
+    /// generation, and in range: otherwise the sender is failed (an authenticated peer that misbehaves is broken).
+    /// </summary>
     public override async Task<ExchangeSummary> Exchange(IAsyncStreamReader<TensorChunk> requestStream, ServerCallContext context)
     {
         int? source = null;
-        long count = 0;
+        long generation = 0, count = 0;
         try
         {
             await foreach (var chunk in requestStream.ReadAllAsync(context.CancellationToken).ConfigureAwait(false))
             {
-                source = chunk.SourceRank;
                 var header = new ChunkHeader(chunk.Generation, chunk.SourceRank, chunk.Group, chunk.OpId, chunk.Seq, chunk.Offset);
-                node.Deliver(header, new ReceivedChunk(chunk.Payload.Memory));
+                if (source is not int sender)
+                {
+                    if (chunk.OpId != ProcessGroup.LivenessOpId || node.Authenticate(chunk.Payload.Span, chunk.Generation) is not int authenticated ||
+                        authenticated != chunk.SourceRank)
+                    {
+                        if (chunk.OpId != ProcessGroup.LivenessOpId) node.Counters.CountRejected();
+                        throw new RpcException(new Status(StatusCode.PermissionDenied, "a chunk stream must start with the link secret of an accepted Hello"));
+                    }
+                    source = authenticated;
+                    generation = chunk.Generation;
+                    continue;
+                }
+                node.DeliverFrom(sender, generation, header, new ReceivedChunk(chunk.Payload.Memory));
                 count++;
             }
         }
@@ -25,24 +41,16 @@ sealed class DataPlaneService(DataPlaneNode node) : DataPlane.DataPlaneBase
         {
             throw new RpcException(new Status(StatusCode.FailedPrecondition, e.Message));
         }
-        catch (Exception e) when (source is int rank && e is not RpcException { StatusCode: StatusCode.FailedPrecondition })
+        catch (Exception e) when (source is int rank && e is not RpcException)
         {
             node.PeerStreamBroke(rank, e);
+            if (e is DataPlaneProtocolException) throw new RpcException(new Status(StatusCode.InvalidArgument, e.Message));
             throw;
         }
         return new ExchangeSummary { Chunks = count };
     }
 
-    public override Task<HelloReply> Hello(HelloRequest request, ServerCallContext context)
-    {
-        if (request.Generation != node.Mailbox.Generation)
-            throw new RpcException(new Status(StatusCode.FailedPrecondition,
-                $"rank {node.Rank} is in generation {node.Mailbox.Generation}, rank {request.SourceRank} in {request.Generation}"));
-        var reply = new HelloReply { Generation = node.Mailbox.Generation, Rank = node.Rank, BulkPort = node.BulkPort };
-        if (request.WantSharedMemory && request.HostId == DataPlaneNode.HostId)
-            reply.SharedMemoryPath = node.OpenInboundRing(request.SourceRank, request.Generation);
-        return Task.FromResult(reply);
-    }
+    public override Task<HelloReply> Hello(HelloRequest request, ServerCallContext context) => Task.FromResult(node.AcceptHello(request));
 }
 
 static class ByteStrings

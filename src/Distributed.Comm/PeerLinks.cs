@@ -183,6 +183,12 @@ public sealed class PeerLinks : IAsyncDisposable
         try
         {
             var client = new DataPlane.DataPlaneClient(channel);
+            // Every path starts with a Hello: the receiver checks our generation and rank and gives a secret that each
+            // of our connections presents first, so that only traffic it accepted a handshake for is delivered.
+            bool wantShared = _transport == TransportKind.SharedMemory;
+            var hello = await client.HelloAsync(new HelloRequest { Generation = Generation, SourceRank = Rank, WantSharedMemory = wantShared, HostId = DataPlaneNode.HostId },
+                deadline: DateTime.UtcNow.AddSeconds(10), cancellationToken: cancellationToken).ConfigureAwait(false);
+            var authenticate = new TensorChunk { Generation = Generation, SourceRank = Rank, OpId = ProcessGroup.LivenessOpId, Payload = hello.LinkSecret };
             if (_transport == TransportKind.Grpc)
             {
                 var call = client.Exchange(cancellationToken: _closing.Token);
@@ -190,26 +196,30 @@ public sealed class PeerLinks : IAsyncDisposable
                 // to whoever waits on this peer, instead of letting them run into a deadline.
                 _ = call.ResponseAsync.ContinueWith(t =>
                 {
-                    if (t.Exception?.InnerException is RpcException { StatusCode: StatusCode.FailedPrecondition } rejected)
+                    if (t.Exception?.InnerException is RpcException { StatusCode: StatusCode.FailedPrecondition or StatusCode.PermissionDenied or StatusCode.InvalidArgument } rejected)
                         _node.Mailbox.FailPeer(destination, new PeerFailedException(destination,
                             $"rank {destination} rejected our traffic: {rejected.Status.Detail}", rejected));
                 }, TaskScheduler.Default);
+                await call.RequestStream.WriteAsync(authenticate, cancellationToken).ConfigureAwait(false);
                 return new GrpcLink(channel, call);
             }
-
-            bool wantShared = _transport == TransportKind.SharedMemory;
-            var hello = await client.HelloAsync(new HelloRequest { Generation = Generation, SourceRank = Rank, WantSharedMemory = wantShared, HostId = DataPlaneNode.HostId },
-                deadline: DateTime.UtcNow.AddSeconds(10), cancellationToken: cancellationToken).ConfigureAwait(false);
             if (hello.SharedMemoryPath.Length > 0)
             {
                 var liveness = client.Exchange(cancellationToken: _closing.Token);
-                await liveness.RequestStream.WriteAsync(new TensorChunk { Generation = Generation, SourceRank = Rank, OpId = ProcessGroup.LivenessOpId },
-                    cancellationToken).ConfigureAwait(false);
+                await liveness.RequestStream.WriteAsync(authenticate, cancellationToken).ConfigureAwait(false);
                 return new SharedMemoryLink(channel, liveness, SharedMemoryRing.Open(hello.SharedMemoryPath));
             }
             if (hello.BulkPort == 0) throw new InvalidOperationException($"rank {destination} offers no TCP bulk path");
             var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true, SendBufferSize = 4 << 20 };
-            await socket.ConnectAsync(new Uri(_endpoints[destination]).Host, hello.BulkPort, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                await socket.ConnectAsync(new Uri(_endpoints[destination]).Host, hello.BulkPort, cancellationToken).ConfigureAwait(false);
+                var preamble = new byte[DataPlaneNode.BulkPreambleBytes];
+                System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(preamble, DataPlaneNode.BulkMagic);
+                hello.LinkSecret.Span.CopyTo(preamble.AsSpan(4));
+                await socket.SendAsync(preamble, SocketFlags.None, cancellationToken).ConfigureAwait(false);
+            }
+            catch { socket.Dispose(); throw; }
             return new TcpLink(channel, socket);
         }
         catch

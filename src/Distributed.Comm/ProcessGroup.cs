@@ -33,6 +33,7 @@ public sealed class ProcessGroup : IProcessGroup
         _options = options ?? new CollectiveOptions();
         Rank = Array.IndexOf(_members, links.Rank);
         if (Rank < 0) throw new ArgumentException($"rank {links.Rank} is not a member of group {groupId} ({string.Join(",", members)})");
+        links.Mailbox.RegisterGroup(groupId, _members);
     }
 
     public int Rank { get; }

@@ -20,7 +20,7 @@ public class CollectiveTests
         {
             var nodes = await Task.WhenAll(Enumerable.Range(0, n).Select(_ => DataPlaneNode.StartAsync()));
             var endpoints = nodes.Select(x => x.Endpoint).ToArray();
-            for (int r = 0; r < n; r++) nodes[r].BeginGeneration(generation, r);
+            for (int r = 0; r < n; r++) nodes[r].BeginGeneration(generation, r, n);
             var links = nodes.Select(x => new PeerLinks(x, generation, endpoints, transport)).ToArray();
             var groups = links.Select(l => new ProcessGroup(l, 0, Enumerable.Range(0, n).ToArray(), options)).ToArray();
             return new World { Nodes = nodes, Links = links, Groups = groups };
@@ -180,7 +180,7 @@ public class CollectiveTests
     public async Task TrafficOfAnotherGenerationIsRejected()
     {
         await using var world = await World.StartAsync(2, TransportKind.Grpc, new CollectiveOptions { Timeout = TimeSpan.FromSeconds(2) });
-        world.Nodes[1].BeginGeneration(2, 1);   // rank 1 moved on to generation 2; rank 0 still sends as generation 1
+        world.Nodes[1].BeginGeneration(2, 1, 2);   // rank 1 moved on to generation 2; rank 0 still sends as generation 1
         var error = await Record.ExceptionAsync(() => world.Groups[0].AllReduceAsync(new float[10], ReduceOp.Sum));
         var failure = Assert.IsType<PeerFailedException>(error);
         Assert.Equal(1, failure.Rank);

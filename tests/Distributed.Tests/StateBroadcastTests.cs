@@ -52,7 +52,7 @@ public class StateBroadcastTests
     {
         var nodes = await Task.WhenAll(Enumerable.Range(0, n).Select(_ => DataPlaneNode.StartAsync()));
         var endpoints = nodes.Select(x => x.Endpoint).ToArray();
-        for (int r = 0; r < n; r++) nodes[r].BeginGeneration(1, r);
+        for (int r = 0; r < n; r++) nodes[r].BeginGeneration(1, r, n);
         var links = nodes.Select(x => new PeerLinks(x, 1, endpoints, transport)).ToArray();
         var options = new CollectiveOptions { ChunkBytes = 1024, Timeout = TimeSpan.FromSeconds(10) };
         return (links, nodes, links.Select(l => new ProcessGroup(l, 0, Enumerable.Range(0, n).ToArray(), options)).ToArray());

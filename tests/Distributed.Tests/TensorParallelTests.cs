@@ -59,7 +59,7 @@ public class TensorParallelTests
     {
         var nodes = await Task.WhenAll(Enumerable.Range(0, ranks).Select(_ => DataPlaneNode.StartAsync()));
         var endpoints = nodes.Select(n => n.Endpoint).ToArray();
-        for (int r = 0; r < ranks; r++) nodes[r].BeginGeneration(1, r);
+        for (int r = 0; r < ranks; r++) nodes[r].BeginGeneration(1, r, ranks);
         var links = nodes.Select(n => new PeerLinks(n, 1, endpoints, TransportKind.SharedMemory)).ToArray();
         try
         {
