@@ -36,8 +36,11 @@ static class BenchCommand
         // Where the one-shot algorithm hands over to the ring; the bench that chose the default sets it (bench/allreduce-algorithms).
         var oneShotMax = new Option<long?>("--one-shot-max-bytes");
         allReduce.Add(oneShotMax);
+        var security = new Option<string>("--security") { Description = "none or tls (mutual TLS on gRPC and on the raw-TCP bulk path)", DefaultValueFactory = _ => "none" };
+        allReduce.Add(security);
         allReduce.SetAction((parse, ct) => AllReduceAsync(parse.GetValue(ranks), parse.GetValue(iters), parse.GetValue(transport)!,
-            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(oneShotMax), parse.GetValue(rank), parse.GetValue(rendezvous), ct));
+            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(oneShotMax), parse.GetValue(rank), parse.GetValue(rendezvous),
+            Distributed.Comm.Security.SecurityModes.Parse(parse.GetValue(security)!) == Distributed.Comm.Security.SecurityMode.Tls, ct));
 
         var config = new Option<string>("--config") { DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
         var set = new Option<string[]>("--set") { Description = "override a config key (the model's size, run.dir)" };
@@ -75,25 +78,28 @@ static class BenchCommand
     /// Rank 0 starts ranks 1..n-1 as processes; they meet through endpoint files in a temporary directory. Each size
     /// is timed like the peers time theirs: a barrier, one all-reduce, the slowest rank's time; the median is reported.
     /// </summary>
+    /// <param name="tls">mutual TLS with a CA rank 0 creates in the rendezvous directory</param>
     static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, long? oneShotMaxBytes, int rank, string? rendezvous,
-        CancellationToken ct)
+        bool tls, CancellationToken ct)
     {
         var kind = TransportKinds.Parse(transport);
         var children = new List<Process>();
         if (rendezvous is null)
         {
             rendezvous = Directory.CreateTempSubdirectory("dtrain-allreduce-").FullName;
+            if (tls) Distributed.Comm.Security.ClusterCredentials.Create(Path.Combine(rendezvous, "certs"), []);
             for (int r = 1; r < n; r++)
             {
                 string[] child = ["bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}", "--transport", transport,
-                    "--sizes", string.Join(',', sizes), "--rank", $"{r}", "--rendezvous", rendezvous,
+                    "--sizes", string.Join(',', sizes), "--rank", $"{r}", "--rendezvous", rendezvous, "--security", tls ? "tls" : "none",
                     .. (oneShotMaxBytes is { } limit ? new[] { "--one-shot-max-bytes", $"{limit}" } : [])];
                 children.Add(Process.Start(SelfProcess.StartInfo(child))!);
             }
         }
         try
         {
-            await using var node = await DataPlaneNode.StartAsync(cancellationToken: ct);
+            using var credentials = tls ? Distributed.Comm.Security.ClusterCredentials.Load(Path.Combine(rendezvous, "certs")) : null;
+            await using var node = await DataPlaneNode.StartAsync(cancellationToken: ct, credentials: credentials);
             File.WriteAllText(Path.Combine(rendezvous, $"rank-{rank}.tmp"), node.Endpoint);
             File.Move(Path.Combine(rendezvous, $"rank-{rank}.tmp"), Path.Combine(rendezvous, $"rank-{rank}"));
             var endpoints = new string[n];

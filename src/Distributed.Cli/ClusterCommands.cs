@@ -48,8 +48,10 @@ static class WorkerCommand
         var akkaConfig = ClusterOptions.AkkaConfig();
         var healthPort = ClusterOptions.HealthPort();
         var parent = new Option<int?>("--parent-pid") { Description = "exit when this process is gone (set by `dtrain train`)" };
+        var security = NodeSecurity.ModeOption();
+        var certificates = NodeSecurity.CertificatesOption();
         var command = new Command("worker", "run a worker process")
-            { seed, host, bind, port, dataPort, rankHint, grace, joinTimeout, akkaConfig, healthPort, parent };
+            { seed, host, bind, port, dataPort, rankHint, grace, joinTimeout, akkaConfig, healthPort, parent, security, certificates };
         command.SetAction(async (parse, cancellationToken) =>
         {
             using var loggerFactory = Logging.CreateFactory();
@@ -60,29 +62,31 @@ static class WorkerCommand
             using var onTerm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
             using var onInt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
             string akkaSettings = ClusterBootstrap.SettingsFile(parse.GetValue(akkaConfig));
+            using var credentials = NodeSecurity.FromOptions(parse.GetValue(security)!, parse.GetValue(certificates)!);
             await using var health = await HealthEndpoint.StartAsync(parse.GetValue(healthPort), cancellationToken);
             var join = TimeSpan.FromSeconds(parse.GetValue(joinTimeout));
             string seedAddress;
             using (var stopping = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, preemption.Requested))
             {
-                try { seedAddress = await ClusterBootstrap.ResolveSeedAsync(parse.GetValue(seed)!, join, logger, stopping.Token); }
+                try { seedAddress = await ClusterBootstrap.ResolveSeedAsync(parse.GetValue(seed)!, join, logger, stopping.Token, tls: credentials is not null); }
                 catch (OperationCanceledException) when (preemption.IsRequested) { logger.LogWarning("Asked to stop before joining; exiting"); return ExitCodes.Preempted; }
                 catch (TimeoutException e) { logger.LogError("{Error}; exiting, to be started again", e.Message); return ExitCodes.Retry; }
             }
             string advertised = parse.GetValue(host)!;
-            await using var node = await DataPlaneNode.StartAsync(parse.GetValue(bind) ?? advertised, parse.GetValue(dataPort), advertised, loggerFactory, cancellationToken);
+            await using var node = await DataPlaneNode.StartAsync(parse.GetValue(bind) ?? advertised, parse.GetValue(dataPort), advertised, loggerFactory, cancellationToken,
+                credentials);
             // A seed that never answers (a stale address) ends the process, so that it is started again and resolves anew.
             // SIGTERM is this command's (a preemption); Akka's own handler would leave the cluster at once.
             var system = ClusterBootstrap.Start(ClusterBootstrap.WorkerRole, advertised, parse.GetValue(port), [seedAddress],
                 $"akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = {join.TotalSeconds:0}s\n" +
-                $"akka.coordinated-shutdown.run-by-clr-shutdown-hook = off\n{akkaSettings}");
+                $"akka.coordinated-shutdown.run-by-clr-shutdown-hook = off\n{akkaSettings}", credentials);
             if (health is not null)
             {
                 health.Readiness = (s, _) => HealthEndpoint.MemberUp(s);
                 health.System = system;
             }
-            logger.LogInformation("Worker pid {Pid} on {Machine}: data plane {Endpoint} (bulk TCP port {Bulk}), seed {Seed}",
-                Environment.ProcessId, Environment.MachineName, node.Endpoint, node.BulkPort, seedAddress);
+            logger.LogInformation("Worker pid {Pid} on {Machine}: data plane {Endpoint} (bulk TCP port {Bulk}), seed {Seed}, security {Security}",
+                Environment.ProcessId, Environment.MachineName, node.Endpoint, node.BulkPort, seedAddress, credentials is null ? "none" : $"mutual TLS ({credentials.Directory})");
             try
             {
                 var finished = ClusterRoles.StartWorker(system, node, loggerFactory, preemption, parse.GetValue(rankHint));
@@ -190,9 +194,11 @@ static class CoordinatorCommand
             string akkaSettings = ClusterBootstrap.SettingsFile(parse.GetValue(akkaConfig));
             using var loggerFactory = Logging.CreateFactory();
             var logger = loggerFactory.CreateLogger("coordinator");
+            using var credentials = NodeSecurity.ForJob(spec);
             await using var health = await HealthEndpoint.StartAsync(parse.GetValue(healthPort), cancellationToken);
             var system = ClusterBootstrap.Start(ClusterBootstrap.CoordinatorRole, parse.GetValue(host)!, parse.GetValue(port),
-                parse.GetValue(seed) is { } s ? [ClusterBootstrap.SeedAddress(s)] : [], CoordinatorPersistence.Hocon(spec) + "\n" + akkaSettings);
+                parse.GetValue(seed) is { } s ? [ClusterBootstrap.SeedAddress(s, tls: credentials is not null)] : [], CoordinatorPersistence.Hocon(spec) + "\n" + akkaSettings,
+                credentials);
             var cluster = Akka.Cluster.Cluster.Get(system);
             if (parse.GetValue(seed) is null) cluster.Join(cluster.SelfAddress);
             logger.LogInformation("Coordinator pid {Pid} at {Address}, journal {Provider}, waiting for {Workers} workers",

@@ -27,12 +27,14 @@ static class ClusterJob
         string? resumeFrom, ITrainingObserver observer, ILogger logger, CancellationToken cancellationToken)
     {
         Directory.CreateDirectory(spec.RunDir);
+        (spec, var credentials) = NodeSecurity.ForLauncher(spec);
+        using var _ = credentials;
         File.WriteAllText(JobFile(spec), JobConfigLoader.ToHocon(spec));
         CoordinatorPersistence.RunId(spec.RunDir);
 
         // The launcher's own Akka log stays quiet: every kill makes remoting report a disassociation, and what
         // matters is logged by the job.
-        var system = ClusterBootstrap.Start(LauncherRole, "127.0.0.1", 0, [], "akka.loglevel = OFF\nakka.stdout-loglevel = OFF");
+        var system = ClusterBootstrap.Start(LauncherRole, "127.0.0.1", 0, [], "akka.loglevel = OFF\nakka.stdout-loglevel = OFF", credentials);
         var cluster = Akka.Cluster.Cluster.Get(system);
         cluster.Join(cluster.SelfAddress);   // the launcher is the seed and the oldest node: keep-oldest keeps it
         string seed = $"{cluster.SelfAddress.Host}:{cluster.SelfAddress.Port}";
@@ -45,9 +47,10 @@ static class ClusterJob
         ];
         // At most one replacement per allowed restart and process, so a process that cannot start ends the job.
         int maxReplacements = (spec.Recovery.MaxRestarts + 1) * (workers + 1);
-        logger.LogInformation("Launcher at akka.tcp://{System}@{Seed}: starting a coordinator and {Workers} workers", ClusterBootstrap.SystemName, seed, workers);
+        logger.LogInformation("Launcher at {Scheme}://{System}@{Seed}: starting a coordinator and {Workers} workers", ClusterBootstrap.Scheme(credentials is not null),
+            ClusterBootstrap.SystemName, seed, workers);
         // Disposed after the actor system has stopped: processes told to shut down get a moment to exit by themselves.
-        using var processes = new JobProcesses(coordinatorArguments, workers, seed, Path.Combine(spec.RunDir, "logs"));
+        using var processes = new JobProcesses(coordinatorArguments, workers, seed, Path.Combine(spec.RunDir, "logs"), NodeSecurity.WorkerArguments(spec));
         try
         {
             var coordinator = ClusterRoles.CoordinatorProxy(system);

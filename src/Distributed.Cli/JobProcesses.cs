@@ -39,12 +39,13 @@ sealed class JobProcesses : IDisposable
     readonly string _logDirectory;
 
     /// <param name="logDirectory">every child's output goes to role-pid.log here (warnings and errors also to this console)</param>
-    public JobProcesses(string[] coordinatorArguments, int workers, string seed, string logDirectory)
+    /// <param name="workerArguments">what every worker is also given (its security)</param>
+    public JobProcesses(string[] coordinatorArguments, int workers, string seed, string logDirectory, string[] workerArguments)
     {
         _logDirectory = logDirectory;
         Directory.CreateDirectory(logDirectory);
         Start("coordinator", [.. coordinatorArguments, "--parent-pid", Environment.ProcessId.ToString()]);
-        for (int i = 0; i < workers; i++) Start("worker", ["worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString()]);
+        for (int i = 0; i < workers; i++) Start("worker", ["worker", "--seed", seed, "--parent-pid", Environment.ProcessId.ToString(), .. workerArguments]);
     }
 
     public IReadOnlyList<ChildProcess> Children { get { lock (_gate) return _children.ToList(); } }

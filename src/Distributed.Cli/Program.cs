@@ -14,6 +14,7 @@ var root = new RootCommand("dtrain: distributed training of GPT models on TorchS
     CoordinatorCommand.Create(),
     worker,
     BenchCommand.Create(),
+    CertsCommand.Create(),
 };
 
 try

@@ -1,7 +1,11 @@
 using System.Net;
 using System.Net.Sockets;
 using Akka.Actor;
+using Akka.Actor.Setup;
 using Akka.Configuration;
+using Akka.Event;
+using Akka.Remote.Transport.DotNetty;
+using Distributed.Comm.Security;
 using Distributed.Core;
 using Microsoft.Extensions.Logging;
 
@@ -15,7 +19,12 @@ public static class ClusterBootstrap
     public const string WorkerRole = "worker";
 
     /// <param name="extraHocon">settings only this node has (the coordinator's journal)</param>
-    public static ActorSystem Start(string role, string host, int port, IEnumerable<string> seedNodes, string extraHocon = "")
+    /// <param name="credentials">
+    /// mutual TLS on Akka remoting: only nodes whose certificate chains to the cluster's CA associate (Akka has no join
+    /// authentication of its own; this is the gate). Seed addresses then use the akka.ssl.tcp scheme.
+    /// </param>
+    public static ActorSystem Start(string role, string host, int port, IEnumerable<string> seedNodes, string extraHocon = "",
+        ClusterCredentials? credentials = null)
     {
         string file = Path.Combine(AppContext.BaseDirectory, "akka.conf");
         if (!File.Exists(file)) throw new UserFacingException($"Akka settings '{file}' are missing from the installation");
@@ -25,27 +34,39 @@ public static class ClusterBootstrap
             akka.remote.dot-netty.tcp.port = {{port}}
             akka.cluster.roles = ["{{role}}"]
             akka.cluster.seed-nodes = [{{seeds}}]
+            akka.remote.dot-netty.tcp.enable-ssl = {{(credentials is null ? "off" : "on")}}
             {{extraHocon}}
             """).WithFallback(ConfigurationFactory.ParseString(File.ReadAllText(file)));
-        return ActorSystem.Create(SystemName, config);
+        if (credentials is null) return ActorSystem.Create(SystemName, config);
+        var tls = new DotNettySslSetup(credentials.Node, suppressValidation: false, requireMutualAuthentication: true, validateCertificateHostname: false,
+            customValidator: (certificate, _, remotePeer, _, log) =>
+            {
+                if (credentials.Accepts(certificate, out string reason)) return true;
+                log?.Warning("Refused the TLS peer {0}: {1}", remotePeer, reason);
+                return false;
+            });
+        return ActorSystem.Create(SystemName, ActorSystemSetup.Create(BootstrapSetup.Create().WithConfig(config), tls));
     }
 
+    /// <summary>The scheme of this system's addresses: akka.tcp, or akka.ssl.tcp under TLS.</summary>
+    public static string Scheme(bool tls) => tls ? "akka.ssl.tcp" : "akka.tcp";
+
     /// <summary>The address a node of this system at host:port has, for use as a seed.</summary>
-    public static string SeedAddress(string hostAndPort) =>
-        hostAndPort.StartsWith("akka.tcp://", StringComparison.Ordinal) ? hostAndPort : $"akka.tcp://{SystemName}@{hostAndPort}";
+    public static string SeedAddress(string hostAndPort, bool tls = false) =>
+        hostAndPort.StartsWith("akka.", StringComparison.Ordinal) ? hostAndPort : $"{Scheme(tls)}://{SystemName}@{hostAndPort}";
 
     /// <summary>
     /// The seed's address with its host name resolved to an IP address, retried until it resolves: a Kubernetes pod may
     /// start before the DNS record of its coordinator's pod exists. The IP, not the name, because Akka compares
     /// addresses as text and the coordinator advertises its pod IP. Throws <see cref="TimeoutException"/> at the deadline.
     /// </summary>
-    public static async Task<string> ResolveSeedAsync(string seed, TimeSpan timeout, ILogger logger, CancellationToken cancellationToken)
+    public static async Task<string> ResolveSeedAsync(string seed, TimeSpan timeout, ILogger logger, CancellationToken cancellationToken, bool tls = false)
     {
-        var uri = new Uri(SeedAddress(seed));
+        var uri = new Uri(SeedAddress(seed, tls));
         if (uri.Port < 0 || uri.UserInfo != SystemName)
-            throw new UserFacingException($"--seed '{seed}' is not HOST:PORT (or akka.tcp://{SystemName}@HOST:PORT)");
+            throw new UserFacingException($"--seed '{seed}' is not HOST:PORT (or {Scheme(tls)}://{SystemName}@HOST:PORT)");
         string host = uri.IdnHost;
-        if (IPAddress.TryParse(host, out _)) return SeedAddress(seed);
+        if (IPAddress.TryParse(host, out _)) return SeedAddress(seed, tls);
         var clock = System.Diagnostics.Stopwatch.StartNew();
         TimeSpan? lastLog = null;
         while (true)
@@ -59,7 +80,7 @@ public static class ClusterBootstrap
                 {
                     string ip = address.AddressFamily == AddressFamily.InterNetworkV6 ? $"[{address}]" : address.ToString();
                     logger.LogInformation("Seed {Host} resolved to {Address} after {Seconds:F1} s", host, ip, clock.Elapsed.TotalSeconds);
-                    return $"akka.tcp://{SystemName}@{ip}:{uri.Port}";
+                    return $"{Scheme(tls)}://{SystemName}@{ip}:{uri.Port}";
                 }
                 error = "no addresses";
             }

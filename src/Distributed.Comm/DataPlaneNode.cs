@@ -3,8 +3,11 @@ using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
+using System.Net.Security;
+using System.Security.Authentication;
 using System.Security.Cryptography;
 using Distributed.Comm.Protos;
+using Distributed.Comm.Security;
 using Grpc.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
@@ -46,9 +49,10 @@ public sealed class DataPlaneNode : IAsyncDisposable
     readonly List<(SharedMemoryRing Ring, CancellationTokenSource Stop, Thread Reader)> _inboundRings = [];
     const long RingCapacity = 32 << 20;
 
-    DataPlaneNode(WebApplication app, TcpListener bulkListener, string host, ILogger logger)
+    DataPlaneNode(WebApplication app, TcpListener bulkListener, string host, ClusterCredentials? credentials, ILogger logger)
     {
         _app = app;
+        Credentials = credentials;
         _bulkListener = bulkListener;
         _logger = logger;
         Host = host;
@@ -88,19 +92,34 @@ public sealed class DataPlaneNode : IAsyncDisposable
     public int GrpcPort { get; }
     public int BulkPort { get; }
 
-    /// <summary>The address peers dial: http://host:port.</summary>
-    public string Endpoint => $"http://{Host}:{GrpcPort}";
+    /// <summary>The address peers dial: http://host:port, or https:// under mutual TLS.</summary>
+    public string Endpoint => $"{(Credentials is null ? "http" : "https")}://{Host}:{GrpcPort}";
+
+    /// <summary>Set under mutual TLS: the gRPC server and the raw-TCP bulk path then accept only peers of the cluster's CA.</summary>
+    public ClusterCredentials? Credentials { get; }
 
     /// <summary>Starts the servers. <paramref name="bindAddress"/> 127.0.0.1 on one host, 0.0.0.0 in a cluster.</summary>
+    /// <param name="credentials">mutual TLS on every data-plane connection (gRPC and raw TCP); null: plain sockets</param>
     public static async Task<DataPlaneNode> StartAsync(string bindAddress = "127.0.0.1", int port = 0, string? advertisedHost = null,
-        ILoggerFactory? loggerFactory = null, CancellationToken cancellationToken = default)
+        ILoggerFactory? loggerFactory = null, CancellationToken cancellationToken = default, ClusterCredentials? credentials = null)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
         var ip = IPAddress.Parse(bindAddress);
         builder.WebHost.ConfigureKestrel(kestrel =>
         {
-            kestrel.Listen(ip, port, listen => listen.Protocols = HttpProtocols.Http2);
+            kestrel.Listen(ip, port, listen =>
+            {
+                listen.Protocols = HttpProtocols.Http2;
+                if (credentials is not null)
+                    listen.UseHttps(new Microsoft.AspNetCore.Server.Kestrel.Https.HttpsConnectionAdapterOptions
+                    {
+                        ServerCertificate = credentials.Node,
+                        ClientCertificateMode = Microsoft.AspNetCore.Server.Kestrel.Https.ClientCertificateMode.RequireCertificate,
+                        ClientCertificateValidation = (certificate, _, _) => credentials.Accepts(certificate, out _),
+                        CheckCertificateRevocation = false,
+                    });
+            });
             // Large windows and frames keep multi-MiB chunks flowing (measured in ../shared/TOOLCHAIN.md).
             kestrel.Limits.Http2.InitialConnectionWindowSize = 64 << 20;
             kestrel.Limits.Http2.InitialStreamWindowSize = 64 << 20;
@@ -121,7 +140,7 @@ public sealed class DataPlaneNode : IAsyncDisposable
         var listener = new TcpListener(ip, 0);
         listener.Start();
         var logger = (loggerFactory ?? Microsoft.Extensions.Logging.Abstractions.NullLoggerFactory.Instance).CreateLogger<DataPlaneNode>();
-        node = new DataPlaneNode(app, listener, advertisedHost ?? (bindAddress == "0.0.0.0" ? Dns.GetHostName() : bindAddress), logger);
+        node = new DataPlaneNode(app, listener, advertisedHost ?? (bindAddress == "0.0.0.0" ? Dns.GetHostName() : bindAddress), credentials, logger);
         return node;
     }
 
@@ -301,26 +320,43 @@ public sealed class DataPlaneNode : IAsyncDisposable
     async Task ReadBulkConnectionAsync(Socket socket)
     {
         int? source = null;
+        var remote = socket.RemoteEndPoint;
+        Stream stream = new NetworkStream(socket, ownsSocket: true);
         try
         {
-            await using var stream = new NetworkStream(socket, ownsSocket: true);
             long generation = Mailbox.Generation;
             var preamble = new byte[BulkPreambleBytes];
             using (var handshake = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token))
             {
                 handshake.CancelAfter(HandshakeTimeout);
-                try { await stream.ReadExactlyAsync(preamble, handshake.Token).ConfigureAwait(false); }
+                try
+                {
+                    if (Credentials is not null)
+                    {
+                        var tls = new SslStream(stream, leaveInnerStreamOpen: false);
+                        stream = tls;
+                        await tls.AuthenticateAsServerAsync(Credentials.ServerOptions(), handshake.Token).ConfigureAwait(false);
+                    }
+                    await stream.ReadExactlyAsync(preamble, handshake.Token).ConfigureAwait(false);
+                }
                 catch (OperationCanceledException) when (!_stopping.IsCancellationRequested)
                 {
                     Counters.CountRejected();
-                    _logger.LogWarning("Closed a bulk connection from {Remote} that sent no handshake within {Seconds:0.#} s", socket.RemoteEndPoint, HandshakeTimeout.TotalSeconds);
+                    _logger.LogWarning("Closed a bulk connection from {Remote} that completed no handshake within {Seconds:0.#} s", remote, HandshakeTimeout.TotalSeconds);
+                    return;
+                }
+                catch (Exception e) when (e is AuthenticationException or IOException && !_stopping.IsCancellationRequested)
+                {
+                    Counters.CountRejected();
+                    _logger.LogWarning("Refused a bulk connection from {Remote}: {Error}", remote, e.Message);
                     return;
                 }
             }
-            if (BinaryPrimitives.ReadUInt32LittleEndian(preamble) != BulkMagic || Authenticate(preamble.AsSpan(4), generation) is not int sender)
+            bool magic = BinaryPrimitives.ReadUInt32LittleEndian(preamble) == BulkMagic;
+            if (!magic) Counters.CountRejected();
+            if (!magic || Authenticate(preamble.AsSpan(4), generation) is not int sender)
             {
-                if (BinaryPrimitives.ReadUInt32LittleEndian(preamble) != BulkMagic) Counters.CountRejected();
-                _logger.LogWarning("Closed a bulk connection from {Remote}: no valid link secret of generation {Generation}", socket.RemoteEndPoint, generation);
+                _logger.LogWarning("Closed a bulk connection from {Remote}: no valid link secret of generation {Generation}", remote, generation);
                 return;
             }
             source = sender;
@@ -336,6 +372,10 @@ public sealed class DataPlaneNode : IAsyncDisposable
             PeerStreamBroke(rank, e);
         }
         catch (Exception) { }
+        finally
+        {
+            await stream.DisposeAsync().ConfigureAwait(false);
+        }
     }
 
     async Task ReadBulkFramesAsync(Stream stream, int source, long generation)

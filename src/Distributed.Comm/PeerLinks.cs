@@ -1,3 +1,4 @@
+using System.Net.Security;
 using System.Net.Sockets;
 using Distributed.Comm.Protos;
 using Grpc.Core;
@@ -57,13 +58,20 @@ public sealed class PeerLinks : IAsyncDisposable
         }
     }
 
-    sealed class TcpLink(GrpcChannel channel, Socket socket) : Link
+    /// <summary>Frames on a raw socket, or on a TLS stream over it under mutual TLS (<paramref name="tls"/>).</summary>
+    sealed class TcpLink(GrpcChannel channel, Socket socket, SslStream? tls) : Link
     {
         readonly byte[] _header = new byte[DataPlaneNode.BulkHeaderBytes];
 
         public override async Task WriteAsync(ChunkHeader h, ReadOnlyMemory<byte> payload, TimeSpan timeout, CancellationToken cancellationToken)
         {
             DataPlaneNode.WriteHeader(_header, h, payload.Length);
+            if (tls is not null)
+            {
+                await tls.WriteAsync(_header, cancellationToken).ConfigureAwait(false);
+                await tls.WriteAsync(payload, cancellationToken).ConfigureAwait(false);
+                return;
+            }
             await socket.SendAsync(_header, SocketFlags.None, cancellationToken).ConfigureAwait(false);
             while (payload.Length > 0)
             {
@@ -72,11 +80,11 @@ public sealed class PeerLinks : IAsyncDisposable
             }
         }
 
-        public override ValueTask DisposeAsync()
+        public override async ValueTask DisposeAsync()
         {
+            if (tls is not null) await tls.DisposeAsync().ConfigureAwait(false);
             socket.Dispose();
             channel.Dispose();
-            return ValueTask.CompletedTask;
         }
     }
 
@@ -167,6 +175,8 @@ public sealed class PeerLinks : IAsyncDisposable
 
     async Task<Link> ConnectAsync(int destination, CancellationToken cancellationToken)
     {
+        var credentials = _node.Credentials;
+        string host = new Uri(_endpoints[destination]).Host;
         var channel = GrpcChannel.ForAddress(_endpoints[destination], new GrpcChannelOptions
         {
             HttpHandler = new SocketsHttpHandler
@@ -176,6 +186,7 @@ public sealed class PeerLinks : IAsyncDisposable
                 ConnectTimeout = TimeSpan.FromSeconds(5),
                 KeepAlivePingDelay = TimeSpan.FromSeconds(5),
                 KeepAlivePingTimeout = TimeSpan.FromSeconds(5),
+                SslOptions = credentials?.ClientOptions(host) ?? new(),
             },
             MaxSendMessageSize = DataPlaneNode.MaxMessageBytes,
             MaxReceiveMessageSize = DataPlaneNode.MaxMessageBytes,
@@ -211,16 +222,30 @@ public sealed class PeerLinks : IAsyncDisposable
             }
             if (hello.BulkPort == 0) throw new InvalidOperationException($"rank {destination} offers no TCP bulk path");
             var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true, SendBufferSize = 4 << 20 };
+            SslStream? tls = null;
             try
             {
-                await socket.ConnectAsync(new Uri(_endpoints[destination]).Host, hello.BulkPort, cancellationToken).ConfigureAwait(false);
+                await socket.ConnectAsync(host, hello.BulkPort, cancellationToken).ConfigureAwait(false);
                 var preamble = new byte[DataPlaneNode.BulkPreambleBytes];
                 System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(preamble, DataPlaneNode.BulkMagic);
                 hello.LinkSecret.Span.CopyTo(preamble.AsSpan(4));
-                await socket.SendAsync(preamble, SocketFlags.None, cancellationToken).ConfigureAwait(false);
+                if (credentials is not null)
+                {
+                    tls = new SslStream(new NetworkStream(socket, ownsSocket: false), leaveInnerStreamOpen: false);
+                    using var handshake = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+                    handshake.CancelAfter(TimeSpan.FromSeconds(10));
+                    await tls.AuthenticateAsClientAsync(credentials.ClientOptions(host), handshake.Token).ConfigureAwait(false);
+                    await tls.WriteAsync(preamble, cancellationToken).ConfigureAwait(false);
+                }
+                else await socket.SendAsync(preamble, SocketFlags.None, cancellationToken).ConfigureAwait(false);
             }
-            catch { socket.Dispose(); throw; }
-            return new TcpLink(channel, socket);
+            catch
+            {
+                tls?.Dispose();
+                socket.Dispose();
+                throw;
+            }
+            return new TcpLink(channel, socket, tls);
         }
         catch
         {

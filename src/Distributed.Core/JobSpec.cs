@@ -52,6 +52,18 @@ public sealed record ObservabilitySpec(bool TensorBoard, int MetricsPort, int St
     public bool Serves => MetricsPort != 0 || StatusPort != 0;
 }
 
+/// <summary>
+/// How the job's nodes talk: Mode none (plain sockets: loopback or a trusted network) or tls (mutual TLS on Akka
+/// remoting and on every data-plane connection). Certificates: the directory with ca.crt, tls.crt and tls.key; empty
+/// under tls means the local simulation creates a CA of its own in run.dir/certs.
+/// </summary>
+public sealed record SecuritySpec(string Mode, string Certificates)
+{
+    public static readonly SecuritySpec None = new("none", "");
+
+    public bool Tls => Mode == "tls";
+}
+
 /// <summary>Everything that defines one training job. Built from HOCON by the config loader.</summary>
 public sealed record JobSpec(
     string Name, string RunDir, long Seed, int Threads,
@@ -63,6 +75,9 @@ public sealed record JobSpec(
 
     /// <summary>TensorBoard, Prometheus and the status page (a property with a default, as <see cref="Parallel"/>).</summary>
     public ObservabilitySpec Observability { get; init; } = ObservabilitySpec.Default;
+
+    /// <summary>Plain or mutual-TLS connections (a property with a default, as <see cref="Parallel"/>).</summary>
+    public SecuritySpec Security { get; init; } = SecuritySpec.None;
 
     /// <summary>Checks the relations between keys that one key alone cannot check.</summary>
     public void Validate()
@@ -81,6 +96,8 @@ public sealed record JobSpec(
             throw new ConfigException($"config key 'cluster.kernels' must be auto, simd or ilgpu, got '{Cluster.Kernels}'");
         if (Persistence.Provider is not ("sqlite" or "postgresql"))
             throw new ConfigException($"config key 'persistence.provider' must be sqlite or postgresql, got '{Persistence.Provider}'");
+        if (Security.Mode is not ("none" or "tls"))
+            throw new ConfigException($"config key 'security.mode' must be none or tls, got '{Security.Mode}'");
         if (Optimizer.MinLearningRate > Optimizer.LearningRate)
             throw new ConfigException($"config key 'optimizer.min-lr' ({Optimizer.MinLearningRate}) must not exceed 'optimizer.learning-rate' ({Optimizer.LearningRate})");
     }

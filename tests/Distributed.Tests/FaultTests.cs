@@ -65,6 +65,20 @@ public partial class FaultTests(UninterruptedRun reference, Xunit.Abstractions.I
         Assert.Matches(@"step +40 +verified", inspect.Stdout);
     }
 
+    [Fact]
+    public void AJobUnderMutualTlsEndsBitIdenticalToTheSameJobInTheClear()
+    {
+        // Akka remoting and every data-plane connection under mutual TLS, the bulk bytes over raw TCP (encrypted).
+        string dir = TestSupport.TempDir("tls");
+        var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, UninterruptedRun.Workers, [.. UninterruptedRun.Job, "security.mode=tls", "cluster.transport=tcp"]));
+        Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        Assert.Contains("akka.ssl.tcp://", run.Stdout + run.Stderr);
+        Assert.True(File.Exists(Path.Combine(dir, "certs", "ca.crt")), "the simulation made no CA of its own");
+        var workerLogs = Directory.GetFiles(Path.Combine(dir, "logs"), "worker-*.log").Select(File.ReadAllText).ToArray();
+        Assert.All(workerLogs, log => Assert.Contains("data plane https://", log));
+        AssertSameFinalState(dir);
+    }
+
     [PostgresFact]
     public async Task ACoordinatorKilledMidJobRecoversItsJournalFromPostgreSQL()
     {

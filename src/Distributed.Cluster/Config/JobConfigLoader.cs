@@ -72,6 +72,8 @@ public static class JobConfigLoader
         new("persistence.connection-string", Kind.String, ""),
         new("persistence.snapshot-every", Kind.Int, "20", 1, int.MaxValue),
         new("recovery.max-restarts", Kind.Int, "3", 0, 1000),
+        new("security.mode", Kind.String, "none"),
+        new("security.certificates", Kind.String, ""),
     ];
 
     /// <summary>Loads <paramref name="path"/> and applies overrides of the form <c>key=value</c>.</summary>
@@ -141,6 +143,7 @@ public static class JobConfigLoader
             Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule"), B("parallel.shard-optimizer")),
             Observability = new ObservabilitySpec(B("run.tensorboard"), I("cluster.metrics-port"), I("cluster.status-port"), S("cluster.http-host"),
                 D("cluster.report-interval")),
+            Security = new SecuritySpec(S("security.mode"), Raw("security.certificates")),
         };
         spec.Validate();
         return spec;
@@ -165,7 +168,8 @@ public static class JobConfigLoader
             $"metrics-port = {w.MetricsPort}, status-port = {w.StatusPort}, http-host = {Q(w.HttpHost)}, report-interval = {F(w.ReportIntervalSeconds)} }}",
             $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)}, shard-optimizer = {(spec.Parallel.ShardOptimizer ? "true" : "false")} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
-            $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}") + "\n";
+            $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}",
+            $"security {{ mode = {Q(spec.Security.Mode)}, certificates = {Q(spec.Security.Certificates)} }}") + "\n";
     }
 
     static double Number(Key key, string raw)
