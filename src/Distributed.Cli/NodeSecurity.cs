@@ -11,7 +11,7 @@ namespace Distributed.Cli;
 /// </summary>
 static class NodeSecurity
 {
-    public const string DefaultCertificates = "/etc/dtrain/certs";
+    public const string DefaultCertificates = "/etc/dtrain-certs";
 
     /// <summary>The launcher's: under tls without a directory, a CA of this run's own in run.dir/certs (kept for a resume).</summary>
     public static (JobSpec Spec, ClusterCredentials? Credentials) ForLauncher(JobSpec spec)

@@ -84,6 +84,35 @@ public class KubernetesManifestTests(ITestOutputHelper output)
         CheckJobSet(jobSetDocs, baseDocs, values);
     }
 
+    [KubernetesToolsFact]
+    public void TheTlsOverlayRendersValidManifestsThatGiveEveryNodeTheSecretsCertificates()
+    {
+        EnsureValidatorInstalled();
+        string dir = TestSupport.TempDir("manifests-tls");
+        string file = Write(dir, "tls.yaml", Render("k8s/overlays/tls"));
+        var valid = RunValidator(["--json-dir", dir, file]);
+        Assert.True(valid.ExitCode == 0, $"the validator rejected the TLS overlay:\n{valid.Output}");
+        var docs = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "tls.yaml.json")))!.AsArray().Select(d => d!).ToList();
+        string certificates = Distributed.Cli.NodeSecurity.DefaultCertificates;
+        void MountsTheSecret(JsonNode pod, JsonNode container)
+        {
+            var volume = pod["spec"]!["volumes"]!.AsArray().Single(v => (string?)v!["name"] == "certs")!;
+            Assert.Equal("dtrain-certs", (string?)volume["secret"]!["secretName"]);
+            Assert.Contains(container["volumeMounts"]!.AsArray(), m => (string?)m!["name"] == "certs" && (string?)m["mountPath"] == certificates);
+            Assert.Equal(1654, (int)pod["spec"]!["securityContext"]!["fsGroup"]!);   // the image's user reads the key through the group
+        }
+        var coordinatorPod = Find(docs, "StatefulSet", "dtrain-coordinator")["spec"]!["template"]!;
+        var coordinator = Container(coordinatorPod, "dtrain");
+        Assert.Contains("--set=security.mode=tls", Args(coordinator));
+        Assert.Contains($"--set=security.certificates={certificates}", Args(coordinator));
+        MountsTheSecret(coordinatorPod, coordinator);
+        var workerPod = Find(docs, "Job", "dtrain-workers")["spec"]!["template"]!;
+        var worker = Container(workerPod, "dtrain");
+        Assert.Equal("tls", Option(Args(worker), "--security"));
+        Assert.Equal(certificates, Option(Args(worker), "--certs"));
+        MountsTheSecret(workerPod, worker);
+    }
+
     /// <summary>What the base says must agree with the program and with values.yaml.</summary>
     static void CheckBase(IReadOnlyList<JsonNode> docs, IReadOnlyDictionary<string, string> values)
     {
