@@ -15,6 +15,8 @@ public sealed record JobSubmitted(string Submission, string JobHocon, int Worker
 public sealed record GenerationStarted(long Generation, int WorldSize, long ResumeStep, DateTime At);
 public sealed record GenerationAborted(long Generation, string Reason, DateTime At);
 public sealed record CheckpointCommitted(long Step, long Generation, ShardRecord[] Shards, DateTime At);
+/// <summary>Retention is about to delete these commits' files: from now on the job's state no longer offers them to resume from.</summary>
+public sealed record CheckpointsRetired(long[] Steps, DateTime At);
 public sealed record FaultInjected(string Fault, DateTime At);
 public sealed record JobEnded(bool Completed, long Step, string Reason, DateTime At);
 
@@ -30,6 +32,7 @@ public sealed record JobState(
         GenerationStarted g => this with { Generation = g.Generation },
         GenerationAborted => this with { Restarts = Restarts + 1 },
         CheckpointCommitted c => this with { Commits = [.. Commits.Where(x => x.Step != c.Step), c] },
+        CheckpointsRetired r => this with { Commits = [.. Commits.Where(x => !r.Steps.Contains(x.Step))] },
         FaultInjected f => this with { FiredFaults = [.. FiredFaults, f] },
         JobEnded end => this with { End = end },
         _ => this,

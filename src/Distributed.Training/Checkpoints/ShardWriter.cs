@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using Distributed.Core;
 using Microsoft.Extensions.Logging;
 
 namespace Distributed.Training.Checkpoints;
@@ -49,8 +50,16 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
         _pending = Task.Run(() =>
         {
             var writing = Stopwatch.StartNew();
-            var record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata,
-                BeforeRename is null ? null : () => BeforeRename(step));
+            ShardRecord record;
+            try
+            {
+                record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata, BeforeRename is null ? null : () => BeforeRename(step));
+            }
+            catch (DiskFullException e)
+            {
+                // Never reported, so never committed: the previous commit is the newest one.
+                throw new DiskFullException($"the checkpoint at step {step} failed on rank {rank}: {e.Message}; the previous commit stays", (IOException)e.InnerException!);
+            }
             Logger?.LogInformation(
                 "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
                 rank, step, record.Bytes, writing.Elapsed.TotalMilliseconds, record.Bytes / 1e6 / writing.Elapsed.TotalSeconds, copyTime.TotalMilliseconds);
@@ -61,6 +70,12 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 
     /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread, which also frees the copies
     /// and views (and from then on the tensors written without a copy may change again).</summary>
+    /// <summary>Surfaces the failure of a write that has ended, if any, without waiting for one in flight.</summary>
+    public void ThrowIfFailed()
+    {
+        if (_pending is { IsFaulted: true }) Wait();
+    }
+
     public void Wait()
     {
         var (pending, stored) = (_pending, _stored);
@@ -77,7 +92,7 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 
     public void Dispose()
     {
-        try { Wait(); } catch (IOException) { }
+        try { Wait(); } catch (Exception e) when (e is IOException or DiskFullException) { }
     }
 }
 
