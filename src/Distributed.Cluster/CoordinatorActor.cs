@@ -377,14 +377,23 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         };
         Record(ended, _ =>
         {
-            Publish(outcome);
-            foreach (var w in _workers) w.Worker.Tell(new Shutdown(ended.Completed, ended.Reason));
             Become(() => Ended(outcome));
+            // Whoever hears of the end may stop this process at once: the queued file work (the newest commit's manifest) goes first, within a bound.
+            var (self, announce) = (Self, new EndAnnounced(ended.Completed, ended.Reason));
+            Task.WhenAny(_fileWork, Task.Delay(FileWorkBeforeTheEnd)).ContinueWith(_ => self.Tell(announce), TaskScheduler.Default);
         });
     }
 
+    sealed record EndAnnounced(bool Completed, string Reason);
+    static readonly TimeSpan FileWorkBeforeTheEnd = TimeSpan.FromSeconds(30);
+
     void Ended(JobEvent outcome)
     {
+        Command<EndAnnounced>(m =>
+        {
+            Publish(outcome);
+            foreach (var w in _workers) w.Worker.Tell(new Shutdown(m.Completed, m.Reason));
+        });
         Command<SubscribeToJob>(m =>
         {
             if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));

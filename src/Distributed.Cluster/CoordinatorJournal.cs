@@ -29,7 +29,9 @@ public sealed record JobState(
     public JobState Apply(object e) => e switch
     {
         JobSubmitted s => this with { Submission = s.Submission, JobHocon = s.JobHocon, Restarts = 0, End = null },
-        GenerationStarted g => this with { Generation = g.Generation },
+        // A generation resumes from the newest commit that verifies: newer ones failed verification and leave the state
+        // (else retention would count them and delete the new generation's commits as older).
+        GenerationStarted g => this with { Generation = g.Generation, Commits = [.. Commits.Where(c => c.Step <= g.ResumeStep)] },
         GenerationAborted => this with { Restarts = Restarts + 1 },
         CheckpointCommitted c => this with { Commits = [.. Commits.Where(x => x.Step != c.Step), c] },
         CheckpointsRetired r => this with { Commits = [.. Commits.Where(x => !r.Steps.Contains(x.Step))] },

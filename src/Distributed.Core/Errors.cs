@@ -27,7 +27,8 @@ public sealed class DiskFullException(string message, IOException inner) : Deter
     const int ENOSPC = 28, EDQUOT = 122;                                      // Linux errno values: .NET's IOException.HResult on Unix
     const int ERROR_HANDLE_DISK_FULL = 39, ERROR_DISK_FULL = 112;             // Windows
 
-    public static bool Is(IOException e) => OperatingSystem.IsWindows()
-        ? (e.HResult & 0xFFFF) is ERROR_DISK_FULL or ERROR_HANDLE_DISK_FULL
-        : e.HResult is ENOSPC or EDQUOT;
+    /// <summary>What filled up, as the OS names it (ENOSPC, EDQUOT, ERROR_DISK_FULL); null when <paramref name="e"/> is another error.</summary>
+    public static string? Cause(IOException e) => OperatingSystem.IsWindows()
+        ? (e.HResult & 0xFFFF) switch { ERROR_DISK_FULL => "ERROR_DISK_FULL", ERROR_HANDLE_DISK_FULL => "ERROR_HANDLE_DISK_FULL", _ => null }
+        : e.HResult switch { ENOSPC => "ENOSPC: no space left on device", EDQUOT => "EDQUOT: disk quota exceeded", _ => null };
 }

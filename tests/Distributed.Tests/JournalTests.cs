@@ -42,6 +42,8 @@ public class JournalTests
         var state = events.Aggregate(JobState.Empty, (s, e) => s.Apply(e));
         // Retention deleted their files: a fallback never offers them (they would read as corrupt).
         Assert.Equal([30L], state.CommitsNewestFirst().Select(c => c.Step));
+        // Step 30 did not verify, so generation 2 resumed from scratch: its commits are the job's now.
+        Assert.Empty(state.Apply(new GenerationStarted(2, 2, 0, At)).Commits);
     }
 
     [Fact]

@@ -93,6 +93,30 @@ public class LosslessTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.DoesNotContain("Restart 1 of 3", FaultTests.CoordinatorLogs(dir));
     }
 
+    [Fact]
+    public async Task CommitsDeletedByRetentionLeaveTheJournalAndAreNeverReportedAsCorrupt()
+    {
+        string dir = TestSupport.TempDir("retired");
+        string[] job = ["train.max-iters=30", "optimizer.lr-decay-iters=30", "checkpoint.keep=1"];
+        AssertSucceeded(TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, job)));
+        var journal = await FaultTests.ReadJournal(dir);
+        Assert.Equal([10L, 20L], journal.OfType<CheckpointsRetired>().SelectMany(r => r.Steps));
+        Assert.Equal([30L], journal.Aggregate(JobState.Empty, (s, e) => s.Apply(e)).CommitsNewestFirst().Select(c => c.Step));
+        Assert.Equal([CheckpointFiles.DirectoryName(30)], Directory.GetDirectories(Path.Combine(dir, "checkpoints")).Select(Path.GetFileName));
+
+        // The one kept commit damaged: resuming names it as corrupt, and not the retired ones whose files retention deleted.
+        string shard = Path.Combine(Checkpoint(dir, 30), CheckpointFiles.ShardName(0, 2));
+        var bytes = File.ReadAllBytes(shard);
+        bytes[^3] ^= 0x01;
+        File.WriteAllBytes(shard, bytes);
+        AssertSucceeded(TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, job, resume: true)));
+        string logs = FaultTests.CoordinatorLogs(dir);
+        Assert.Contains("Checkpoint at step 30 is corrupt", logs);
+        Assert.DoesNotContain("Checkpoint at step 20 is corrupt", logs);
+        Assert.DoesNotContain("Checkpoint at step 10 is corrupt", logs);
+        Assert.Empty(CheckpointFiles.Verify(Checkpoint(dir, 30)));   // trained again from scratch and committed
+    }
+
     [TmpfsFact]
     public async Task AFullDiskFailsThatCheckpointKeepsThePreviousCommitAndStopsTheJobWithTheReason()
     {
@@ -102,21 +126,32 @@ public class LosslessTests(Xunit.Abstractions.ITestOutputHelper output)
         TmpfsFactAttribute.Mount(checkpoints, "480k");
         try
         {
-            var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, ["train.max-iters=30", "optimizer.lr-decay-iters=30", "checkpoint.keep=3"]));
+            string[] job = ["train.max-iters=30", "optimizer.lr-decay-iters=30", "checkpoint.keep=3"];
+            var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, job));
             output.WriteLine(run.Stderr);
             Assert.NotEqual(0, run.ExitCode);
-            Assert.Matches(@"error: the job failed: rank \d .*the checkpoint at step 20 failed on rank \d: the disk is full \(ENOSPC\) writing '[^']+shard-\d-of-2\.safetensors\.tmp'.*the previous commit stays.*not retried", run.Stderr);
+            Assert.Matches(@"error: the job failed: rank \d .*the checkpoint at step 20 failed on rank \d: the disk is full \(ENOSPC: no space left on device\) writing '[^']+shard-\d-of-2\.safetensors\.tmp'; the previous commit stays \(.*not retried\)", run.Stderr);
 
-            // Nothing half-written is visible: the journal and the manifests know step 10 only, no partial file is left, and step 10 verifies.
+            // Nothing half-written is visible: the journal knows step 10 only and it verifies, no partial file is left, step 20 has no manifest.
+            // (Step 10's manifest may be missing: it is written behind the commit, and may have met the full disk; it follows the journal.)
             var journal = await FaultTests.ReadJournal(dir);
-            Assert.Equal([10L], journal.OfType<CheckpointCommitted>().Select(c => c.Step));
+            var committed = Assert.Single(journal.OfType<CheckpointCommitted>());
+            Assert.Equal(10, committed.Step);
+            Assert.Empty(CheckpointFiles.Verify(Checkpoint(dir, 10), committed.Shards));
             Assert.Single(journal, e => e is GenerationStarted);
             Assert.Contains(journal, e => e is JobEnded { Completed: false });
-            Assert.Equal([10L], CheckpointFiles.List(checkpoints).Select(c => c.Step));
             Assert.Empty(Directory.GetFiles(checkpoints, "*.tmp", SearchOption.AllDirectories));
-            Assert.Empty(CheckpointFiles.Verify(Checkpoint(dir, 10)));
-            using (CheckpointFiles.Load(Checkpoint(dir, 10))) { }
+            Assert.False(File.Exists(Path.Combine(Checkpoint(dir, 20), CheckpointFiles.ManifestName)));
             Assert.False(Directory.Exists(Checkpoint(dir, 30)), "the job went on after its checkpoint failed");
+
+            // Room made: --resume goes on from the previous commit and completes.
+            var remount = TestProcesses.Run("mount", ["-o", "remount,size=4m", checkpoints], TimeSpan.FromSeconds(30));
+            Assert.True(remount.ExitCode == 0, remount.Output);
+            AssertSucceeded(TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, 2, job, resume: true)));
+            journal = await FaultTests.ReadJournal(dir);
+            Assert.Equal(10, journal.OfType<GenerationStarted>().Last().ResumeStep);
+            Assert.Equal([30L, 20L, 10L], CheckpointFiles.List(checkpoints).Select(c => c.Step));
+            Assert.Empty(CheckpointFiles.Verify(Checkpoint(dir, 30)));
         }
         finally
         {

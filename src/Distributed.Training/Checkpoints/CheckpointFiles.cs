@@ -435,8 +435,8 @@ public static class CheckpointFiles
         catch (Exception e)
         {
             try { File.Delete(temp); } catch (IOException) { }   // best effort: the original error is the one to report
-            if (e is IOException io && DiskFullException.Is(io))
-                throw new DiskFullException($"the disk is full (ENOSPC) writing '{temp}': {io.Message}", io);
+            if (e is IOException io && DiskFullException.Cause(io) is { } cause)
+                throw new DiskFullException($"the disk is full ({cause}) writing '{temp}'", io);
             throw;
         }
     }

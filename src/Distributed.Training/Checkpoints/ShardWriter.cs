@@ -50,21 +50,20 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
         _pending = Task.Run(() =>
         {
             var writing = Stopwatch.StartNew();
-            ShardRecord record;
             try
             {
-                record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata, BeforeRename is null ? null : () => BeforeRename(step));
+                var record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata, BeforeRename is null ? null : () => BeforeRename(step));
+                Logger?.LogInformation(
+                    "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
+                    rank, step, record.Bytes, writing.Elapsed.TotalMilliseconds, record.Bytes / 1e6 / writing.Elapsed.TotalSeconds, copyTime.TotalMilliseconds);
+                Written?.Invoke(new ShardTiming(step, rank, record.Bytes, copyTime.TotalMilliseconds, writing.Elapsed.TotalMilliseconds));
+                commit.ShardWritten(step, directory, record);
             }
             catch (DiskFullException e)
             {
-                // Never reported, so never committed: the previous commit is the newest one.
+                // The shard (or a single process's manifest) is not durable, so the step is never committed: the previous commit is the newest.
                 throw new DiskFullException($"the checkpoint at step {step} failed on rank {rank}: {e.Message}; the previous commit stays", (IOException)e.InnerException!);
             }
-            Logger?.LogInformation(
-                "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
-                rank, step, record.Bytes, writing.Elapsed.TotalMilliseconds, record.Bytes / 1e6 / writing.Elapsed.TotalSeconds, copyTime.TotalMilliseconds);
-            Written?.Invoke(new ShardTiming(step, rank, record.Bytes, copyTime.TotalMilliseconds, writing.Elapsed.TotalMilliseconds));
-            commit.ShardWritten(step, directory, record);
         });
     }
 
