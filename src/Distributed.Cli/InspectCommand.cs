@@ -57,6 +57,7 @@ static class InspectCommand
                 GenerationAborted a => $"{a.At:O}  generation {a.Generation} aborted: {a.Reason}",
                 CheckpointCommitted c => $"{c.At:O}  checkpoint committed at step {c.Step} (generation {c.Generation}): " +
                     string.Join(", ", c.Shards.Select(s => $"{s.File} {s.Bytes:N0} bytes sha256 {s.Sha256[..12]}…")),
+                CheckpointsRetired r => $"{r.At:O}  checkpoints retired (retention deletes them): steps {string.Join(", ", r.Steps)}",
                 FaultInjected f => $"{f.At:O}  fault injected: {f.Fault}",
                 JobEnded end => $"{end.At:O}  job {(end.Completed ? $"completed at step {end.Step}" : $"failed: {end.Reason}")}",
                 _ => e.GetType().Name,
