@@ -67,14 +67,14 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
         });
     }
 
-    /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread, which also frees the copies
-    /// and views (and from then on the tensors written without a copy may change again).</summary>
     /// <summary>Surfaces the failure of a write that has ended, if any, without waiting for one in flight.</summary>
     public void ThrowIfFailed()
     {
         if (_pending is { IsFaulted: true }) Wait();
     }
 
+    /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread, which also frees the copies
+    /// and views (and from then on the tensors written without a copy may change again).</summary>
     public void Wait()
     {
         var (pending, stored) = (_pending, _stored);
