@@ -57,6 +57,7 @@ static class InspectCommand
                 GenerationAborted a => $"{a.At:O}  generation {a.Generation} aborted: {a.Reason}",
                 CheckpointCommitted c => $"{c.At:O}  checkpoint committed at step {c.Step} (generation {c.Generation}): " +
                     string.Join(", ", c.Shards.Select(s => $"{s.File} {s.Bytes:N0} bytes sha256 {s.Sha256[..12]}…")),
+                CheckpointsRetired r => $"{r.At:O}  checkpoints retired (retention deletes them): steps {string.Join(", ", r.Steps)}",
                 FaultInjected f => $"{f.At:O}  fault injected: {f.Fault}",
                 JobEnded end => $"{end.At:O}  job {(end.Completed ? $"completed at step {end.Step}" : $"failed: {end.Reason}")}",
                 _ => e.GetType().Name,
@@ -104,7 +105,12 @@ static class InspectCommand
         Console.WriteLine($"checkpoint {directory} (step {manifest.Step}, generation {manifest.Generation}, layout {manifest.Layout}, {manifest.Shards.Length} shards, verified)");
         foreach (var shard in manifest.Shards) Console.WriteLine($"  {shard.File,-32} {shard.Bytes,12:N0} bytes  sha256 {shard.Sha256}");
         foreach (var (key, value) in checkpoint.Metadata.OrderBy(p => p.Key, StringComparer.Ordinal))
-            Console.WriteLine($"{key,-16} {(key == "vocab" ? System.Text.Json.JsonSerializer.Serialize(value) : value)}");
+            Console.WriteLine($"{key,-16} {(key switch
+            {
+                CheckpointVocabulary.Key => System.Text.Json.JsonSerializer.Serialize(CheckpointVocabulary.Read(checkpoint).Vocabulary),
+                CheckpointVocabulary.LegacyKey => System.Text.Json.JsonSerializer.Serialize(value),
+                _ => value,
+            })}");
         long total = 0;
         // From the headers alone: listing a state needs none of its bytes in memory. Global tensors, with the pieces that hold them.
         foreach (var (name, stored) in checkpoint.Stored)

@@ -26,6 +26,8 @@ static class SampleCommand
             string text = parse.GetValue(prompt)!.Replace("\\n", "\n");
             if (text.Length == 0) text = "\n";
             var ids = TextGeneration.Generate(model.Model, model.Tokenizer.Encode(text), count, t, parse.GetValue(seed), parse.GetValue(topK));
+            // UTF-8 whatever the locale says: a character outside the BMP must not come out as '?'.
+            Console.OutputEncoding = new System.Text.UTF8Encoding(encoderShouldEmitUTF8Identifier: false);
             Console.WriteLine(model.Tokenizer.Decode(ids));
             return 0;
         });

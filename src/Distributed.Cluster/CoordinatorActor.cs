@@ -117,6 +117,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             });
             Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
             Command<ProcessExited>(m => ForgetDeadWorker(m.ProcessId));
+            EndOnADeterministicErrorOfTheAbortedGeneration();
             CommandAny(_ => { });   // reports of an aborted generation
         });
     }
@@ -166,9 +167,20 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             // A worker lost before the generation started: the choice is dropped, and the coordinator waits for a replacement.
             Command<Terminated>(t => _workers.RemoveAll(w => w.Worker.Equals(t.ActorRef)));
             Command<ProcessExited>(m => ForgetDeadWorker(m.ProcessId));
+            EndOnADeterministicErrorOfTheAbortedGeneration();
             CommandAny(_ => { });
         });
     }
+
+    /// <summary>
+    /// A peer that lost its link to the failing rank may report first and abort the generation; the failing rank's own
+    /// report of a deterministic error still ends the job. It always arrives before the next generation starts: that
+    /// rank registers again only after reporting.
+    /// </summary>
+    void EndOnADeterministicErrorOfTheAbortedGeneration() =>
+        Command<WorkerFailed>(m => m.Fatal && m.Generation == _state.Generation, m => End(new JobFailed(NotRetried($"rank {m.Rank} failed: {m.Reason}"))));
+
+    static string NotRetried(string failure) => $"{failure} (an error that a restart cannot fix: not retried)";
 
     /// <summary>
     /// The newest checkpoint whose shards verify: among the journal's commits; when the journal has none, the given
@@ -258,7 +270,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             string who = m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
                 ? $"rank {lost} ({Describe(lost)}) was lost: {m.Reason} (reported by rank {m.Rank})"
                 : $"rank {m.Rank} ({Describe(m.Rank)}) failed: {m.Reason}";
-            if (m.Fatal) End(new JobFailed(who));
+            if (m.Fatal) End(new JobFailed(NotRetried(who)));
             else Abort(generation, who);
         });
         Command<Terminated>(t =>
@@ -288,21 +300,33 @@ public sealed class CoordinatorActor : ReceivePersistentActor
             string directory = m.Directory;
             int keep = _spec.Checkpoint.Keep;
             string checkpoints = CheckpointsDirectory;
-            var committedSteps = _state.Commits.Select(c => c.Step).ToList();
-            // Durable in the journal: now the manifest, then retention (older commits may go only after this one is durable).
             long bytes = commit.Shards.Sum(s => s.Bytes);
             double latency = (DateTime.UtcNow - firstShardAt).TotalSeconds;
-            QueueFileWork($"writing the manifest of {directory} and applying retention", () =>
+            // Commits beyond checkpoint.keep leave the journal before their files go: a crash in between leaves directories
+            // that no commit names (retention removes them later), never a commit without its files.
+            var retired = _state.CommitsNewestFirst().Skip(keep).Select(c => c.Step).ToArray();
+            RecordRetired(retired, () =>
             {
-                WriteManifest(directory, commit);
-                CommitLog.Append(_spec.RunDir, new CommitLog.Entry(commit.Step, generation, bytes, latency, commit.At));
-                CheckpointFiles.Retain(checkpoints, keep, committedSteps);
+                var committedSteps = _state.Commits.Select(c => c.Step).ToList();
+                // Durable in the journal: now the manifest, then retention (older commits may go only after this one is durable).
+                QueueFileWork($"writing the manifest of {directory} and applying retention", () =>
+                {
+                    WriteManifest(directory, commit);
+                    CommitLog.Append(_spec.RunDir, new CommitLog.Entry(commit.Step, generation, bytes, latency, commit.At));
+                    CheckpointFiles.Retain(checkpoints, keep, committedSteps);
+                });
             });
             _log.LogInformation("Checkpoint at step {Step} committed ({Shards} shards, {Bytes:N0} bytes)", m.Step, commit.Shards.Length, bytes);
             Publish(new JobCheckpointCommitted(m.Step, directory, bytes, latency));
             foreach (var w in _workers) w.Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, directory));
             TryComplete();
         });
+    }
+
+    void RecordRetired(long[] steps, Action then)
+    {
+        if (steps.Length == 0) then();
+        else Record(new CheckpointsRetired(steps, DateTime.UtcNow), _ => then());
     }
 
     void WriteManifest(string directory, CheckpointCommitted commit) =>
@@ -353,14 +377,23 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         };
         Record(ended, _ =>
         {
-            Publish(outcome);
-            foreach (var w in _workers) w.Worker.Tell(new Shutdown(ended.Completed, ended.Reason));
             Become(() => Ended(outcome));
+            // Whoever hears of the end may stop this process at once: the queued file work (the newest commit's manifest) goes first, within a bound.
+            var (self, announce) = (Self, new EndAnnounced(ended.Completed, ended.Reason));
+            Task.WhenAny(_fileWork, Task.Delay(FileWorkBeforeTheEnd)).ContinueWith(_ => self.Tell(announce), TaskScheduler.Default);
         });
     }
 
+    sealed record EndAnnounced(bool Completed, string Reason);
+    static readonly TimeSpan FileWorkBeforeTheEnd = TimeSpan.FromSeconds(30);
+
     void Ended(JobEvent outcome)
     {
+        Command<EndAnnounced>(m =>
+        {
+            Publish(outcome);
+            foreach (var w in _workers) w.Worker.Tell(new Shutdown(m.Completed, m.Reason));
+        });
         Command<SubscribeToJob>(m =>
         {
             if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));

@@ -15,6 +15,8 @@ public sealed record JobSubmitted(string Submission, string JobHocon, int Worker
 public sealed record GenerationStarted(long Generation, int WorldSize, long ResumeStep, DateTime At);
 public sealed record GenerationAborted(long Generation, string Reason, DateTime At);
 public sealed record CheckpointCommitted(long Step, long Generation, ShardRecord[] Shards, DateTime At);
+/// <summary>Retention is about to delete these commits' files: from now on the job's state no longer offers them to resume from.</summary>
+public sealed record CheckpointsRetired(long[] Steps, DateTime At);
 public sealed record FaultInjected(string Fault, DateTime At);
 public sealed record JobEnded(bool Completed, long Step, string Reason, DateTime At);
 
@@ -27,9 +29,12 @@ public sealed record JobState(
     public JobState Apply(object e) => e switch
     {
         JobSubmitted s => this with { Submission = s.Submission, JobHocon = s.JobHocon, Restarts = 0, End = null },
-        GenerationStarted g => this with { Generation = g.Generation },
+        // A generation resumes from the newest commit that verifies: newer ones failed verification and leave the state
+        // (else retention would count them and delete the new generation's commits as older).
+        GenerationStarted g => this with { Generation = g.Generation, Commits = [.. Commits.Where(c => c.Step <= g.ResumeStep)] },
         GenerationAborted => this with { Restarts = Restarts + 1 },
         CheckpointCommitted c => this with { Commits = [.. Commits.Where(x => x.Step != c.Step), c] },
+        CheckpointsRetired r => this with { Commits = [.. Commits.Where(x => !r.Steps.Contains(x.Step))] },
         FaultInjected f => this with { FiredFaults = [.. FiredFaults, f] },
         JobEnded end => this with { End = end },
         _ => this,

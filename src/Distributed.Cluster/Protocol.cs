@@ -44,7 +44,8 @@ public sealed record WorkerFinished(long Generation, int Rank, long Step);
 
 /// <summary>
 /// Worker -> coordinator: training failed on this rank; <paramref name="FailedPeer"/> when a collective named one.
-/// <paramref name="Fatal"/> when retrying cannot help (bad config, a checkpoint of another model).
+/// <paramref name="Fatal"/> when retrying cannot help (a <see cref="DeterministicException"/>: bad config, data or vocabulary, a
+/// checkpoint of another model, a full disk): the coordinator then ends the job with the reason instead of restarting.
 /// </summary>
 public sealed record WorkerFailed(long Generation, int Rank, string Reason, int? FailedPeer, bool Fatal);
 

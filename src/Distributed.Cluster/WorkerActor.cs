@@ -182,7 +182,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         {
             int? peer = (e as PeerFailedException)?.Rank ?? (e.InnerException as PeerFailedException)?.Rank;
             logger.LogError("Training failed on rank {Rank}: {Error}", rank, e.Message);
-            self.Tell(new WorkerFailed(generation, rank, e.Message, peer, Fatal: e is ConfigException or CheckpointException));
+            self.Tell(new WorkerFailed(generation, rank, e.Message, peer, Fatal: e is DeterministicException));
         }
         finally
         {

@@ -76,7 +76,7 @@ public sealed class Trainer : IDisposable
         var verifying = loading.Elapsed;
         try
         {
-            var tokenizer = checkpoint is null ? null : new CharTokenizer(checkpoint.Require("vocab"));
+            var tokenizer = checkpoint is null ? null : CheckpointVocabulary.Read(checkpoint);
             _corpus = TextCorpus.Load(spec.Data, spec.Model.BlockSize, tokenizer);
             _trainSampler = new BatchSampler(_corpus.Train, spec.Model.BlockSize, spec.Seed, Seeds.TrainStream);
             // Evaluation draws its own windows: not the ones training steps 0..eval-iters saw.
@@ -156,6 +156,7 @@ public sealed class Trainer : IDisposable
         while (Step < last)
         {
             cancellationToken.ThrowIfCancellationRequested();
+            _checkpoints.ThrowIfFailed();   // a shard that could not be written stops training now, not at the next checkpoint
             var m = TrainStep();
             metrics.WriteLine(JsonSerializer.Serialize(new
             {
@@ -438,7 +439,7 @@ public sealed class Trainer : IDisposable
         // The sampler and dropout are counter-based: (seed, step) is their whole state.
         ["sampler_position"] = Step.ToString(CultureInfo.InvariantCulture),
         ["job"] = JsonSerializer.Serialize(_spec),
-        ["vocab"] = _corpus.Tokenizer.Vocabulary,
+        [CheckpointVocabulary.Key] = CheckpointVocabulary.Encode(_corpus.Tokenizer),
     };
 
     /// <summary>

@@ -1,6 +1,7 @@
 using Distributed.Core;
 using Distributed.Training;
 using Distributed.Training.Checkpoints;
+using Distributed.Training.Data;
 using static TorchSharp.torch;
 
 namespace Distributed.Tests;
@@ -86,6 +87,31 @@ public class CheckpointTests
         CheckpointFiles.WriteShard(CheckpointFiles.DirectoryFor(checkpoints, 60), 0, 1, [new StateEntry("t", t)], new Dictionary<string, string>());
         CheckpointFiles.Retain(checkpoints, keep: 2, committedSteps: [30, 40, 60]);
         Assert.Equal(["step-00000040", "step-00000060"], Directory.GetDirectories(checkpoints).Select(Path.GetFileName).Order());
+    }
+
+    [Fact]
+    public void VocabulariesAreStoredAsCodePointsAndOlderOnesLoadWhereTheyCan()
+    {
+        string checkpoints = TestSupport.TempDir("vocab");
+        using var t = ones(1);
+        string Write(long step, string key, string value)
+        {
+            string dir = CheckpointFiles.DirectoryFor(checkpoints, step);
+            var shard = CheckpointFiles.WriteShard(dir, 0, 1, [new StateEntry("t", t)], new Dictionary<string, string> { [key] = value });
+            CheckpointFiles.WriteManifest(dir, new CheckpointManifest(Trainer.CheckpointFormat, step, 1, [shard], "{}"));
+            return dir;
+        }
+        var tokenizer = CharTokenizer.FromCorpus("ab 😀 𠀀 ！ 你好");
+        using (var loaded = CheckpointFiles.Load(Write(1, CheckpointVocabulary.Key, CheckpointVocabulary.Encode(tokenizer))))
+            Assert.Equal(tokenizer.Symbols, CheckpointVocabulary.Read(loaded).Symbols);
+        // Written before code points: a BMP-only vocabulary means the same ids.
+        using (var older = CheckpointFiles.Load(Write(2, CheckpointVocabulary.LegacyKey, "\n !ab")))
+            Assert.Equal("\n !ab", CheckpointVocabulary.Read(older).Vocabulary);
+        // How that version stored 😀 and 𠀀: their UTF-16 halves sorted apart, which the header's JSON cannot keep.
+        string lost = Write(3, CheckpointVocabulary.LegacyKey, "ab" + new string([(char)0xD83D, (char)0xD840, (char)0xDC00, (char)0xDE00]));
+        using var broken = CheckpointFiles.Load(lost);
+        var error = Assert.Throws<CheckpointException>(() => CheckpointVocabulary.Read(broken));
+        Assert.Contains($"checkpoint '{lost}' stores its vocabulary the old way", error.Message);
     }
 
     [Fact]

@@ -19,7 +19,33 @@ public class DataTests
     public void UnknownCharacterIsNamed()
     {
         var tokenizer = new CharTokenizer("ab");
-        Assert.Contains("'z'", Assert.Throws<UserFacingException>(() => tokenizer.Encode("abz")).Message);
+        Assert.Contains("'z' (U+007A)", Assert.Throws<DataException>(() => tokenizer.Encode("abz")).Message);
+    }
+
+    /// <summary>Characters outside the BMP (emoji, CJK extension B) are one token each; a lone surrogate is not text.</summary>
+    [Fact]
+    public void TokenizerWorksOnCodePointsAndRoundTripsAnyUnicodeText()
+    {
+        const string text = "ab 😀 𠀀 é\u0301 ！ 你好 🎭 a😀";
+        var tokenizer = CharTokenizer.FromCorpus(text);
+        Assert.Equal(text.EnumerateRunes().Distinct().Count(), tokenizer.Size);
+        Assert.Equal(text, tokenizer.Decode(tokenizer.Encode(text)));
+        Assert.Equal(text.EnumerateRunes().Count(), tokenizer.Encode(text).Length);
+        // Sorted by code point: U+FF01 comes before the emoji (UTF-16 order would put the emoji's surrogates first).
+        Assert.Equal([.. text.EnumerateRunes().Distinct().Order()], tokenizer.Symbols);
+        Assert.Equal(tokenizer.Vocabulary, new CharTokenizer(tokenizer.Vocabulary).Vocabulary);
+        Assert.Contains("'🌍' (U+1F30D)", Assert.Throws<DataException>(() => tokenizer.Encode("a🌍")).Message);
+        Assert.Contains("lone UTF-16 surrogate (U+D83D) at index 1", Assert.Throws<DataException>(() => tokenizer.Encode("a\uD83Db")).Message);
+        Assert.Contains("repeats the character '😀'", Assert.Throws<DataException>(() => new CharTokenizer("😀a😀")).Message);
+    }
+
+    [Fact]
+    public void ACorpusThatIsNotUtf8IsNamed()
+    {
+        string path = Path.Combine(TestSupport.TempDir("latin1"), "latin1.txt");
+        File.WriteAllBytes(path, [.. "caf"u8, 0xE9, .. " au lait, encore et encore"u8]);
+        var error = Assert.Throws<DataException>(() => TextCorpus.Load(new DataSpec(path, 0.5), 2));
+        Assert.Contains($"data file '{path}' is not UTF-8 text", error.Message);
     }
 
     [Fact]
@@ -33,7 +59,7 @@ public class DataTests
     [Fact]
     public void MissingDataFileIsNamed()
     {
-        var error = Assert.Throws<UserFacingException>(() => TextCorpus.Load(new DataSpec("no/such.txt", 0.9), 64));
+        var error = Assert.Throws<DataException>(() => TextCorpus.Load(new DataSpec("no/such.txt", 0.9), 64));
         Assert.Contains("data file 'no/such.txt' does not exist (config key 'data.path')", error.Message);
     }
 

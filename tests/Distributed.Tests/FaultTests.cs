@@ -200,13 +200,13 @@ public partial class FaultTests(UninterruptedRun reference, Xunit.Abstractions.I
         Assert.Contains(journal, e => e is JobEnded { Completed: true });
     }
 
-    static async Task<IReadOnlyList<object>> ReadJournal(string dir)
+    internal static async Task<IReadOnlyList<object>> ReadJournal(string dir)
     {
         var spec = JobConfigLoader.Load(Path.Combine(dir, "job.conf"));
         return (await JournalReader.ReadAsync(spec, TimeSpan.FromSeconds(30))).Select(e => e.Event).ToList();
     }
 
-    static string CoordinatorLogs(string dir) =>
+    internal static string CoordinatorLogs(string dir) =>
         string.Concat(Directory.GetFiles(Path.Combine(dir, "logs"), "coordinator-*.log").Select(File.ReadAllText));
 
     static int[] ChildrenOf(int pid) =>

@@ -36,6 +36,17 @@ public class JournalTests
     }
 
     [Fact]
+    public void RetiredCommitsLeaveTheJobsState()
+    {
+        object[] events = [new JobSubmitted("s", "job", 2, At), Commit(10, 1), Commit(20, 1), Commit(30, 1), new CheckpointsRetired([10, 20], At)];
+        var state = events.Aggregate(JobState.Empty, (s, e) => s.Apply(e));
+        // Retention deleted their files: a fallback never offers them (they would read as corrupt).
+        Assert.Equal([30L], state.CommitsNewestFirst().Select(c => c.Step));
+        // Step 30 did not verify, so generation 2 resumed from scratch: its commits are the job's now.
+        Assert.Empty(state.Apply(new GenerationStarted(2, 2, 0, At)).Commits);
+    }
+
+    [Fact]
     public async Task EveryEventAndTheSnapshotRoundTripThroughAkkasSerializer()
     {
         using var system = ActorSystem.Create("journal-test", "akka.loglevel = ERROR\nakka.suppress-json-serializer-warning = on");
@@ -45,7 +56,7 @@ public class JournalTests
                 .Aggregate(JobState.Empty, (s, e) => s.Apply(e));
             object[] all =
             [
-                new JobSubmitted("s", "job", 2, At), new GenerationStarted(1, 2, 0, At), new GenerationAborted(1, "why", At), Commit(10, 1),
+                new JobSubmitted("s", "job", 2, At), new GenerationStarted(1, 2, 0, At), new GenerationAborted(1, "why", At), Commit(10, 1), new CheckpointsRetired([10], At),
                 new FaultInjected("f", At), new JobEnded(true, 40, "done", At), snapshot,
             ];
             foreach (var value in all)

@@ -25,7 +25,7 @@ public static class CheckpointExport
         {
             ["format"] = Format,
             ["step"] = loaded.Require("step"),
-            ["vocab"] = loaded.Require("vocab"),
+            [CheckpointVocabulary.Key] = CheckpointVocabulary.Encode(CheckpointVocabulary.Read(loaded)),   // older checkpoints' too
         };
         if (loaded.Metadata.TryGetValue("job", out var job)) metadata["job"] = job;   // the model's shape, to rebuild it
 

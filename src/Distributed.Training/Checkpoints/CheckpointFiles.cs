@@ -348,9 +348,7 @@ public static class CheckpointFiles
             string name = ShardName(rank, count);
             string path = Path.Combine(directory, name);
             string temp = path + ".tmp";
-            byte[] hash;
-            using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
-                hash = SafeTensors.Write(stream, named, fileMetadata, afterData: () => stream.Flush(flushToDisk: true));
+            byte[] hash = WriteRemovingOnFailure(temp, stream => SafeTensors.Write(stream, named, fileMetadata, afterData: () => stream.Flush(flushToDisk: true)));
             long bytes = new FileInfo(temp).Length;
             beforeRename?.Invoke();
             File.Move(temp, path, overwrite: true);
@@ -414,12 +412,33 @@ public static class CheckpointFiles
         if (!Directory.Exists(directory)) throw new CheckpointException($"checkpoint '{directory}' does not exist: no manifest to write");
         string path = Path.Combine(directory, ManifestName);
         string temp = path + ".tmp";
-        using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write))
+        WriteRemovingOnFailure(temp, stream =>
         {
             JsonSerializer.Serialize(stream, manifest, Indented);
             stream.Flush(flushToDisk: true);
-        }
+            return 0;
+        });
         File.Move(temp, path, overwrite: true);
+    }
+
+    /// <summary>
+    /// Writes a temporary file; if that fails (a full disk), the partial file is removed, so that it neither holds the
+    /// space nor looks like part of a checkpoint, and a full disk is reported as <see cref="DiskFullException"/> naming the file.
+    /// </summary>
+    static T WriteRemovingOnFailure<T>(string temp, Func<FileStream, T> write)
+    {
+        try
+        {
+            using var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20);
+            return write(stream);
+        }
+        catch (Exception e)
+        {
+            try { File.Delete(temp); } catch (IOException) { }   // best effort: the original error is the one to report
+            if (e is IOException io && DiskFullException.Cause(io) is { } cause)
+                throw new DiskFullException($"the disk is full ({cause}) writing '{temp}'", io);
+            throw;
+        }
     }
 
     public static CheckpointManifest ReadManifest(string directory)

@@ -26,7 +26,7 @@ public sealed class InferenceModel : IDisposable
     {
         using var checkpoint = CheckpointFiles.Load(path);
         var spec = ReadSpec(checkpoint);
-        var tokenizer = new CharTokenizer(checkpoint.Require("vocab"));
+        var tokenizer = CheckpointVocabulary.Read(checkpoint);
         var model = new Gpt(spec.Model, tokenizer.Size, spec.Seed);
         // Whole targets: CopyInto assembles each weight from the pieces of whatever layout wrote the checkpoint.
         checkpoint.CopyInto(model.named_parameters().Select(p => new StateEntry(CheckpointFiles.ModelPrefix + p.name, p.parameter)));

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using Distributed.Core;
 using Microsoft.Extensions.Logging;
 
 namespace Distributed.Training.Checkpoints;
@@ -49,14 +50,27 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
         _pending = Task.Run(() =>
         {
             var writing = Stopwatch.StartNew();
-            var record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata,
-                BeforeRename is null ? null : () => BeforeRename(step));
-            Logger?.LogInformation(
-                "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
-                rank, step, record.Bytes, writing.Elapsed.TotalMilliseconds, record.Bytes / 1e6 / writing.Elapsed.TotalSeconds, copyTime.TotalMilliseconds);
-            Written?.Invoke(new ShardTiming(step, rank, record.Bytes, copyTime.TotalMilliseconds, writing.Elapsed.TotalMilliseconds));
-            commit.ShardWritten(step, directory, record);
+            try
+            {
+                var record = CheckpointFiles.WriteShard(directory, rank, count, stored, metadata, BeforeRename is null ? null : () => BeforeRename(step));
+                Logger?.LogInformation(
+                    "Rank {Rank} wrote its shard of step {Step}: {Bytes:N0} bytes in {WriteMs:F0} ms ({MBps:F0} MB/s, hash and fsync included) after copying the tensors in {CopyMs:F0} ms",
+                    rank, step, record.Bytes, writing.Elapsed.TotalMilliseconds, record.Bytes / 1e6 / writing.Elapsed.TotalSeconds, copyTime.TotalMilliseconds);
+                Written?.Invoke(new ShardTiming(step, rank, record.Bytes, copyTime.TotalMilliseconds, writing.Elapsed.TotalMilliseconds));
+                commit.ShardWritten(step, directory, record);
+            }
+            catch (DiskFullException e)
+            {
+                // The shard (or a single process's manifest) is not durable, so the step is never committed: the previous commit is the newest.
+                throw new DiskFullException($"the checkpoint at step {step} failed on rank {rank}: {e.Message}; the previous commit stays", (IOException)e.InnerException!);
+            }
         });
+    }
+
+    /// <summary>Surfaces the failure of a write that has ended, if any, without waiting for one in flight.</summary>
+    public void ThrowIfFailed()
+    {
+        if (_pending is { IsFaulted: true }) Wait();
     }
 
     /// <summary>Waits for the write in flight, if any; its failure surfaces here, on the training thread, which also frees the copies
@@ -77,7 +91,7 @@ public sealed class ShardWriter(ICheckpointCommit commit) : IDisposable
 
     public void Dispose()
     {
-        try { Wait(); } catch (IOException) { }
+        try { Wait(); } catch (Exception e) when (e is IOException or DiskFullException) { }
     }
 }
 

@@ -1,3 +1,4 @@
+using System.Text;
 using Distributed.Core;
 
 namespace Distributed.Training.Data;
@@ -20,7 +21,7 @@ public sealed class TextCorpus
     public static void RequireFile(DataSpec spec)
     {
         if (!File.Exists(spec.Path))
-            throw new UserFacingException($"data file '{spec.Path}' does not exist (config key 'data.path')");
+            throw new DataException($"data file '{spec.Path}' does not exist (config key 'data.path')");
     }
 
     /// <summary>
@@ -30,14 +31,29 @@ public sealed class TextCorpus
     public static TextCorpus Load(DataSpec spec, int blockSize, CharTokenizer? tokenizer = null)
     {
         RequireFile(spec);
-        string text = File.ReadAllText(spec.Path);
+        string text = ReadUtf8(spec.Path);
         tokenizer ??= CharTokenizer.FromCorpus(text);
         int[] ids = tokenizer.Encode(text);
         int split = (int)(ids.Length * spec.TrainFraction);
         var corpus = new TextCorpus(tokenizer, ids[..split], ids[split..]);
         if (corpus.Train.Length <= blockSize + 1 || corpus.Validation.Length <= blockSize + 1)
-            throw new UserFacingException(
+            throw new DataException(
                 $"data file '{spec.Path}' is too short: each split needs more than block-size + 1 = {blockSize + 1} characters");
         return corpus;
+    }
+
+    // Strict: invalid bytes are an error, not U+FFFD, so what the model learns is exactly the file's text.
+    static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
+    static string ReadUtf8(string path)
+    {
+        try
+        {
+            return File.ReadAllText(path, StrictUtf8);
+        }
+        catch (DecoderFallbackException e)
+        {
+            throw new DataException($"data file '{path}' is not UTF-8 text: it holds the invalid byte sequence {Convert.ToHexString(e.BytesUnknown ?? [])}");
+        }
     }
 }
