@@ -23,8 +23,12 @@ public sealed record CoordinatorOptions(JobSpec Spec, int Workers, IReadOnlyList
 /// a worker or link, abort the generation and start the next one from the last commit, up to recovery.max-restarts.
 /// States: WaitingForWorkers -> Starting -> Running -> (WaitingForWorkers ...) -> Ended.
 /// </summary>
-public sealed class CoordinatorActor : ReceivePersistentActor
+public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
 {
+    /// <summary>How long a restarted coordinator waits for every rank of the running generation to answer before it aborts it.</summary>
+    static readonly TimeSpan AdoptionTimeout = TimeSpan.FromSeconds(5);
+    static readonly TimeSpan AdoptionAskInterval = TimeSpan.FromMilliseconds(250);
+
     readonly JobSpec _spec;
     readonly string _jobHocon;
     readonly int _expectedWorkers;
@@ -43,6 +47,9 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     Task _fileWork = Task.CompletedTask;
 
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
+    sealed record AskForMembers;
+
+    public ITimerScheduler Timers { get; set; } = null!;
 
     public CoordinatorActor(CoordinatorOptions options, ILogger logger, Action<string> onUnrecoverable)
     {
@@ -51,7 +58,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         PersistenceId = options.PersistenceId;
         _log = logger;
         _onUnrecoverable = onUnrecoverable;
-        _timeline = new RecoveryTimeline(Path.Combine(_spec.RunDir, "recovery.jsonl"));
+        _timeline = new RecoveryTimeline(RunFiles.In(_spec.RunDir, RunFiles.Recoveries));
         Recover<SnapshotOffer>(offer => _state = (JobState)offer.Snapshot);
         Recover<RecoveryCompleted>(_ => OnRecovered());
         RecoverAny(e => _state = _state.Apply(e));   // commands wait (Akka stashes them) until recovery completes
@@ -90,14 +97,90 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         {
             _log.LogInformation("Coordinator recovered the journal: generation {Generation}, {Commits} commits (newest step {Step}), {Restarts} restarts",
                 _state.Generation, _state.Commits.Length, _state.CommitsNewestFirst().FirstOrDefault()?.Step ?? 0, _state.Restarts);
+            if (_state.FiredFaults.LastOrDefault() is { } fired) _timeline.FaultFired(fired.Fault, fired.At);
+            // The generation that ran when the coordinator was lost goes on without it: take it over as it runs.
+            if (_state.GenerationRunning) { BecomeAdopting(_state.Generation); return; }
             // Workers still training an older generation are told to stop and register again.
             if (_state.Generation > 0)
             {
                 TellWorkerNodes(new AbortGeneration(_state.Generation, "the coordinator restarted"));
-                if (_state.FiredFaults.LastOrDefault() is { } fault) _timeline.FaultFired(fault.Fault, fault.At);
                 _timeline.Detected(_state.Generation, "the coordinator restarted");
             }
         }
+        BecomeWaitingForWorkers();
+    }
+
+    /// <summary>
+    /// A restarted coordinator asks the worker nodes who is in <paramref name="generation"/> (the workers trained on
+    /// without it; their reports waited in the singleton proxy). When every rank answers, it takes the generation over
+    /// as it runs: their workers, the ranks that finished, the shards it has no commit for. A worker that is no longer
+    /// in it, or silence past <see cref="AdoptionTimeout"/>, aborts the generation instead, as before.
+    /// Everything else waits in the stash until then.
+    /// </summary>
+    void BecomeAdopting(long generation)
+    {
+        var members = new Dictionary<int, GenerationMember>();
+        var recoveredAt = DateTime.UtcNow;
+        int asks = 0, maxAsks = (int)Math.Ceiling(AdoptionTimeout / AdoptionAskInterval);
+        Timers.StartPeriodicTimer("adopt", new AskForMembers(), TimeSpan.Zero, AdoptionAskInterval);
+        _log.LogInformation("Coordinator restarted during generation {Generation}: asking its {Workers} ranks to carry on under it", generation, _expectedWorkers);
+        Become(() =>
+        {
+            Common();
+            Command<AskForMembers>(_ =>
+            {
+                if (++asks <= maxAsks) { TellWorkerNodes(new AdoptGeneration(generation)); return; }
+                var missing = Enumerable.Range(0, _expectedWorkers).Where(r => !members.ContainsKey(r));
+                GiveUpAdopting(generation, $"ranks {string.Join(", ", missing)} did not answer within {AdoptionTimeout.TotalSeconds:0.#} s");
+            });
+            Command<GenerationMember>(m => m.Generation == generation && m.Rank >= 0 && m.Rank < _expectedWorkers, m =>
+            {
+                members[m.Rank] = m;
+                if (members.Count == _expectedWorkers) Adopt(generation, members, recoveredAt);
+            });
+            Command<NotInGeneration>(m => m.Generation == generation,
+                m => GiveUpAdopting(generation, $"worker pid {m.ProcessId} is no longer in generation {generation}"));
+            Command<RegisterWorker>(_ => { });   // repeated every second: counted again once waiting for workers
+            Command<GenerationMember>(_ => { });
+            Command<NotInGeneration>(_ => { });
+            CommandAny(_ => Stash.Stash());
+        });
+    }
+
+    void Adopt(long generation, Dictionary<int, GenerationMember> members, DateTime recoveredAt)
+    {
+        Timers.Cancel("adopt");
+        Record(new GenerationAdopted(generation, DateTime.UtcNow), adopted =>
+        {
+            foreach (var w in _workers) Context.Unwatch(w.Worker);
+            _workers.Clear();
+            _workers.AddRange(members.OrderBy(m => m.Key).Select(m => m.Value.Worker));
+            foreach (var w in _workers) Context.Watch(w.Worker);
+            _finished.Clear();
+            _pendingShards.Clear();
+            _firstShardAt.Clear();
+            foreach (var m in members.Values.Where(m => m.FinishedStep is not null)) _finished.Add(m.Rank);
+            string record = _timeline.Adopted(generation, recoveredAt, adopted.At), adoptions = RunFiles.In(_spec.RunDir, RunFiles.Adoptions);
+            QueueFileWork($"appending to {adoptions}", () => File.AppendAllText(adoptions, record));
+            _log.LogInformation("Adopted generation {Generation} as it runs: every rank answered {Ms:F0} ms after the journal was replayed; nothing is redone",
+                generation, (adopted.At - recoveredAt).TotalMilliseconds);
+            Become(() => Running(generation));
+            if (members[0].Started is { } started) Publish(new JobStarted(generation, _workers.Count, started.FirstStep, started.LastStep));
+            // Shards the old coordinator held uncommitted come again; what came during the outage waits in the stash.
+            foreach (var shard in members.Values.SelectMany(m => m.UncommittedShards)) OnShardWritten(generation, shard);
+            Stash.UnstashAll();
+            TryComplete();
+        });
+    }
+
+    void GiveUpAdopting(long generation, string why)
+    {
+        Timers.Cancel("adopt");
+        string reason = $"the coordinator restarted and cannot adopt generation {generation}: {why}";
+        _log.LogWarning("{Reason}; aborting it", reason);
+        TellWorkerNodes(new AbortGeneration(generation, reason));
+        _timeline.Detected(generation, reason);
+        Stash.UnstashAll();
         BecomeWaitingForWorkers();
     }
 
@@ -288,6 +371,12 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     void OnShardWritten(long generation, ShardWritten m)
     {
+        // Already committed (an adopted generation's rank may not have heard): tell it again; nothing to collect.
+        if (_state.Commits.Any(c => c.Step == m.Step))
+        {
+            if (m.Rank < _workers.Count) _workers[m.Rank].Worker.Tell(new CheckpointCommittedNotice(generation, m.Step, m.Directory));
+            return;
+        }
         if (!_pendingShards.TryGetValue(m.Step, out var shards)) _pendingShards[m.Step] = shards = [];
         _firstShardAt.TryAdd(m.Step, DateTime.UtcNow);
         shards[m.Rank] = m.Shard;

@@ -55,6 +55,23 @@ public sealed record FaultFired(string Fault, DateTime At);
 /// <summary>Coordinator -> workers: generation <paramref name="Generation"/> is over; stop training and register again.</summary>
 public sealed record AbortGeneration(long Generation, string Reason);
 
+/// <summary>
+/// A restarted coordinator -> worker nodes: who of you is in generation <paramref name="Generation"/>? Each answers
+/// with <see cref="GenerationMember"/> or <see cref="NotInGeneration"/>; when every rank answers, the coordinator
+/// adopts the generation as it runs instead of aborting it.
+/// </summary>
+public sealed record AdoptGeneration(long Generation);
+
+/// <summary>
+/// Worker -> coordinator: I am <paramref name="Rank"/> of generation <paramref name="Generation"/>, still training or
+/// finished (<paramref name="FinishedStep"/>); the shards I reported that I have no commit notice for (the old
+/// coordinator may have died holding them); my start report.
+/// </summary>
+public sealed record GenerationMember(long Generation, int Rank, RegisterWorker Worker, ShardWritten[] UncommittedShards, long? FinishedStep, RankStarted? Started);
+
+/// <summary>Worker -> coordinator: this worker is not (or no longer) in generation <paramref name="Generation"/>.</summary>
+public sealed record NotInGeneration(long Generation, int ProcessId);
+
 /// <summary>Launcher -> coordinator: a process of the job died (the launcher saw it exit), so its node is down.</summary>
 public sealed record ProcessExited(int ProcessId, string Description);
 

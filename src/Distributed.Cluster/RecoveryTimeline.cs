@@ -33,6 +33,25 @@ sealed class RecoveryTimeline(string path)
         _startedAt = DateTime.UtcNow;
     }
 
+    /// <summary>
+    /// A restarted coordinator adopted the running generation: the record (a JSON line, for adoption.jsonl) of how long the job was without
+    /// a coordinator, from the fault (if one was injected) and from the journal's replay to the adoption. Training went
+    /// on meanwhile: no step was redone.
+    /// </summary>
+    public string Adopted(long generation, DateTime recoveredAt, DateTime adoptedAt)
+    {
+        var record = new
+        {
+            adopted_generation = generation, fault = _fault,
+            fault_to_recovered_ms = _faultAt is null ? (double?)null : Math.Round((recoveredAt - _faultAt.Value).TotalMilliseconds, 1),
+            adoption_ms = Math.Round((adoptedAt - recoveredAt).TotalMilliseconds, 1),
+            fault_to_adopted_ms = _faultAt is null ? (double?)null : Math.Round((adoptedAt - _faultAt.Value).TotalMilliseconds, 1),
+            fault_wall_time = _faultAt is null ? (double?)null : Math.Round((_faultAt.Value - DateTime.UnixEpoch).TotalSeconds, 6),
+        };
+        (_fault, _faultAt) = (null, null);
+        return JsonSerializer.Serialize(record) + "\n";
+    }
+
     /// <summary>The first step after a recovery: returns its record (a JSON line) for the caller to append to <see cref="Path"/>.</summary>
     public string? FirstStep(long generation, long step)
     {

@@ -29,6 +29,11 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     AssignRank? _next;                     // an assignment waiting for the previous thread to stop
     WorkerFaults? _faults;
     CommitNotices? _commits;
+    // What this worker tells a restarted coordinator about its generation (see AdoptGeneration).
+    (long Generation, int Rank)? _member;
+    readonly List<ShardWritten> _uncommitted = [];
+    long? _finishedStep;
+    RankStarted? _started;
 
     sealed record TryRegister;
     sealed record PreemptionRequested;
@@ -57,6 +62,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<AssignRank>(OnAssignRank);
         Receive<AbortGeneration>(m =>
         {
+            if (m.Generation == _member?.Generation) _member = null;
             if (m.Generation < _generation || _training is null) return;
             _log.LogInformation("Generation {Generation} aborted: {Reason}", m.Generation, m.Reason);
             _training.Cancel();
@@ -65,15 +71,27 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<CheckpointCommittedNotice>(m =>
         {
             if (m.Generation != _generation) return;
+            _uncommitted.RemoveAll(s => s.Step <= m.Step);   // commits go in step order: an older pending one was superseded
             _faults?.Committed(m.Step, m.Directory);
             _commits?.Committed(m.Step);
         });
-        Receive<RankStarted>(m => _coordinator.Tell(m));
+        Receive<RankStarted>(m => { _started = m; _coordinator.Tell(m); });
         Receive<StepDone>(m => _coordinator.Tell(m));
         Receive<EvalDone>(m => _coordinator.Tell(m));
-        Receive<ShardWritten>(m => _coordinator.Tell(m));
-        Receive<WorkerFinished>(m => _coordinator.Tell(m));
-        Receive<WorkerFailed>(m => _coordinator.Tell(m));
+        Receive<ShardWritten>(m => { _uncommitted.Add(m); _coordinator.Tell(m); });
+        Receive<WorkerFinished>(m => { _finishedStep = m.Step; _coordinator.Tell(m); });
+        Receive<WorkerFailed>(m =>
+        {
+            if (m.Generation == _member?.Generation) _member = null;
+            _coordinator.Tell(m);
+        });
+        Receive<AdoptGeneration>(m =>
+        {
+            if (_member is { } member && member.Generation == m.Generation)
+                Sender.Tell(new GenerationMember(m.Generation, member.Rank, new RegisterWorker(Self, _node.Endpoint, _node.Host, Environment.ProcessId, _rankHint),
+                    [.. _uncommitted], _finishedStep, _started));
+            else Sender.Tell(new NotInGeneration(m.Generation, Environment.ProcessId));
+        });
         Receive<Shutdown>(m =>
         {
             _log.LogInformation("Shutting down: {Reason}", m.Reason);
@@ -108,6 +126,8 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             return;
         }
         _generation = m.Generation;
+        (_member, _finishedStep, _started) = ((m.Generation, m.Rank), null, null);
+        _uncommitted.Clear();
         _training = new CancellationTokenSource();
         var logger = _loggerFactory.CreateLogger($"worker.rank{m.Rank}");
         _faults = new WorkerFaults(m.Faults, m.Rank, m.Endpoints.Count, _coordinator, logger);
@@ -120,6 +140,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     void OnTrainingStopped(TrainingStopped m)
     {
         if (m.Generation != _generation) return;
+        if (_finishedStep is null) _member = null;   // stopped without finishing: no longer in the generation
         _training?.Dispose();
         _training = null;
         if (_exitCode.Task.IsCompleted) return;

@@ -9,6 +9,8 @@ public static class RunFiles
     public const string Metrics = "metrics.jsonl";
     public const string Evals = "eval.jsonl";
     public const string Recoveries = "recovery.jsonl";
+    /// <summary>Generations a restarted coordinator took over as they ran (nothing redone), with how long it was missing.</summary>
+    public const string Adoptions = "adoption.jsonl";
     public const string Commits = "commits.jsonl";
     public const string Endpoints = "endpoints.json";
     public const string TensorBoard = "tensorboard";
