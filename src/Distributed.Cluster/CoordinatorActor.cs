@@ -21,10 +21,14 @@ public sealed record CoordinatorOptions(JobSpec Spec, int Workers, IReadOnlyList
 /// restarted coordinator resumes the job. Per generation: wait for the workers, pick the newest checkpoint whose
 /// shards verify, assign ranks; commit a checkpoint once every rank's shard is durable (two-phase); on the loss of
 /// a worker or link, abort the generation and start the next one from the last commit, up to recovery.max-restarts.
-/// States: WaitingForWorkers -> Starting -> Running -> (WaitingForWorkers ...) -> Ended.
+/// States: WaitingForWorkers -> Starting -> Running -> (WaitingForWorkers ...) -> Ended. Every wait has a deadline
+/// from the job (recovery.worker-wait-timeout, recovery.generation-start-timeout), a named timer that ends in a loud
+/// failure naming what was awaited; asynchronous work comes back as a message, success or failure.
 /// </summary>
-public sealed class CoordinatorActor : ReceivePersistentActor
+public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
 {
+    const string WorkerWaitTimer = "worker-wait", GenerationStartTimer = "generation-start";
+
     readonly JobSpec _spec;
     readonly string _jobHocon;
     readonly int _expectedWorkers;
@@ -35,6 +39,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     readonly List<RegisterWorker> _workers = [];
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
+    readonly HashSet<int> _started = [];   // ranks of the running generation that built their model (RankStarted)
     readonly Dictionary<long, Dictionary<int, ShardRecord>> _pendingShards = [];
     readonly Dictionary<long, DateTime> _firstShardAt = [];
     readonly ILogger _log;
@@ -43,6 +48,14 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     Task _fileWork = Task.CompletedTask;
 
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
+    /// <summary>The deadline for the expected workers to register has passed.</summary>
+    sealed record WorkerWaitExpired;
+    /// <summary>Generation <paramref name="Generation"/> was not under way (every rank started) by its deadline.</summary>
+    sealed record GenerationStartExpired(long Generation);
+    /// <summary>A piece of file work (manifest, retention, timing record) failed off the actor.</summary>
+    sealed record FileWorkFailed(string What, string Error);
+
+    public ITimerScheduler Timers { get; set; } = null!;
 
     public CoordinatorActor(CoordinatorOptions options, ILogger logger, Action<string> onUnrecoverable)
     {
@@ -103,10 +116,16 @@ public sealed class CoordinatorActor : ReceivePersistentActor
 
     void BecomeWaitingForWorkers()
     {
+        Timers.Cancel(GenerationStartTimer);
         if (_workers.Count == _expectedWorkers) { BecomeStarting(); return; }
+        var waitingSince = DateTime.UtcNow;
+        Timers.StartSingleTimer(WorkerWaitTimer, new WorkerWaitExpired(), TimeSpan.FromSeconds(_spec.Recovery.WorkerWaitSeconds));
         Become(() =>
         {
             Common();
+            Command<WorkerWaitExpired>(_ => End(new JobFailed(
+                $"waited {(DateTime.UtcNow - waitingSince).TotalSeconds:0.#} s (recovery.worker-wait-timeout = {_spec.Recovery.WorkerWaitSeconds} s) for {_expectedWorkers} workers " +
+                $"to register: {_workers.Count} did ({(_workers.Count == 0 ? "none" : string.Join(", ", _workers.Select(w => $"pid {w.ProcessId} on {w.Host}")))})")));
             Command<RegisterWorker>(m =>
             {
                 if (_workers.Any(w => w.Worker.Equals(m.Worker))) return;
@@ -140,18 +159,27 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         if (rank >= 0) _workers.RemoveAt(rank);
     }
 
-    /// <summary>Verifying shards reads files: done off the actor, and the result comes back as a message.</summary>
+    /// <summary>
+    /// Verifying shards reads files: done off the actor, and the result comes back as a message, success or failure.
+    /// The generation-start deadline runs from here until every rank has built its model.
+    /// </summary>
     void BecomeStarting()
     {
+        Timers.Cancel(WorkerWaitTimer);
         var commits = _state.CommitsNewestFirst().ToList();
         string checkpoints = CheckpointsDirectory;
+        long next = _state.Generation + 1;
+        Timers.StartSingleTimer(GenerationStartTimer, new GenerationStartExpired(next), TimeSpan.FromSeconds(_spec.Recovery.GenerationStartSeconds));
         // Queued behind the file work: a manifest or retention still being written must not race the choice (or its manifest).
         var choice = _fileWork.ContinueWith(_ => ChooseResumePoint(commits, checkpoints), TaskScheduler.Default);
         _fileWork = choice;
-        choice.PipeTo(Self, failure: e => new ResumePointChosen(null, 0, $"choosing the checkpoint to resume from failed: {e.Message}"));
+        choice.PipeTo(Self, failure: e => new ResumePointChosen(null, 0,
+            $"choosing the checkpoint to resume from (in {checkpoints}) failed: {e.GetBaseException().GetType().Name}: {e.GetBaseException().Message}"));
         Become(() =>
         {
             Common();
+            Command<GenerationStartExpired>(m => m.Generation == next, _ => End(new JobFailed(
+                $"choosing the checkpoint to resume from (in {checkpoints}) did not finish within {_spec.Recovery.GenerationStartSeconds} s (recovery.generation-start-timeout)")));
             Command<ResumePointChosen>(chosen =>
             {
                 if (_workers.Count < _expectedWorkers) { BecomeWaitingForWorkers(); return; }
@@ -204,6 +232,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     void StartGeneration(long generation, string? resumeFrom)
     {
         _finished.Clear();
+        _started.Clear();
         _pendingShards.Clear();
         _firstShardAt.Clear();
         // Rank hints first (a stable sort keeps registration order among equals), then whole TP groups on one host.
@@ -225,10 +254,20 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     {
         Common();
         Command<RegisterWorker>(_ => { });   // late retries of a registration already counted
-        Command<RankStarted>(m => m.Generation == generation && m.Rank == 0, m =>
+        Command<RankStarted>(m => m.Generation == generation, m =>
         {
-            _timeline.RankStarted(m.LoadMs);
-            Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
+            if (m.Rank == 0)
+            {
+                _timeline.RankStarted(m.LoadMs);
+                Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
+            }
+            if (_started.Add(m.Rank) && _started.Count == _workers.Count) Timers.Cancel(GenerationStartTimer);
+        });
+        Command<GenerationStartExpired>(m => m.Generation == generation, _ =>
+        {
+            var missing = Enumerable.Range(0, _workers.Count).Where(r => !_started.Contains(r)).Select(r => $"rank {r} ({Describe(r)})");
+            Abort(generation, $"generation {generation} did not start within {_spec.Recovery.GenerationStartSeconds} s (recovery.generation-start-timeout): " +
+                $"{string.Join(", ", missing)} did not report that it built its model (checkpoint read, state broadcast)");
         });
         // Progress comes from the rank that has the loss: the last pipeline stage's.
         int reporting = ParallelLayout.For(_spec, _workers.Count).ReportingRank;
@@ -308,12 +347,19 @@ public sealed class CoordinatorActor : ReceivePersistentActor
     void WriteManifest(string directory, CheckpointCommitted commit) =>
         CheckpointFiles.WriteManifest(directory, CheckpointManifest.For(commit.Step, commit.Generation, commit.Shards, _spec));
 
-    /// <summary>File work of the actor (manifests, retention, timing records): off the actor, one piece after the other, in order.</summary>
-    void QueueFileWork(string what, Action work) => _fileWork = _fileWork.ContinueWith(_ =>
+    /// <summary>
+    /// File work of the actor (manifests, retention, timing records): off the actor, one piece after the other, in
+    /// order. A failure of any kind comes back as a message (a faulted task nobody awaits would be silent).
+    /// </summary>
+    void QueueFileWork(string what, Action work)
     {
-        try { work(); }
-        catch (Exception e) when (e is IOException or CheckpointException) { _log.LogError("Failed {What}: {Error}", what, e.Message); }
-    }, TaskScheduler.Default);
+        var self = Self;
+        _fileWork = _fileWork.ContinueWith(_ =>
+        {
+            try { work(); }
+            catch (Exception e) { self.Tell(new FileWorkFailed(what, $"{e.GetType().Name}: {e.Message}")); }
+        }, TaskScheduler.Default);
+    }
 
     /// <summary>The job is complete when every rank finished and the checkpoint of its last step (train.max-iters) is committed.</summary>
     void TryComplete()
@@ -353,6 +399,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         };
         Record(ended, _ =>
         {
+            Timers.CancelAll();
             Publish(outcome);
             foreach (var w in _workers) w.Worker.Tell(new Shutdown(ended.Completed, ended.Reason));
             Become(() => Ended(outcome));
@@ -368,6 +415,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         });
         Command<JobStatusRequest>(_ => Sender.Tell(Status(ended: true)));
         Command<RegisterWorker>(m => m.Worker.Tell(new Shutdown(outcome is JobCompleted, "the job is over")));
+        Command<FileWorkFailed>(f => _log.LogError("Failed {What}: {Error}", f.What, f.Error));
         CommandAny(_ => { });
     }
 
@@ -380,6 +428,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor
         Command<JobStatusRequest>(_ => Sender.Tell(Status(ended: false)));
         Command<SaveSnapshotSuccess>(_ => { });
         Command<SaveSnapshotFailure>(f => _log.LogWarning("Snapshot failed: {Error}", f.Cause.Message));
+        Command<FileWorkFailed>(f => _log.LogError("Failed {What}: {Error}", f.What, f.Error));
     }
 
     /// <summary>Persists an event, applies it to the state, snapshots every persistence.snapshot-every events.</summary>
