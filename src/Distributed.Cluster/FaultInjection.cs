@@ -35,8 +35,7 @@ sealed class WorkerFaults(IReadOnlyList<Fault> faults, int rank, int worldSize, 
             Report(f, DateTime.UtcNow);
             generation.Register(() =>
             {
-                logger.LogWarning("Fault injection: {Fault}: a callback of the aborted generation's token blocks for {Ms} ms on thread '{Thread}'",
-                    f.Text, f.DelayMs, Thread.CurrentThread.Name ?? $"#{Environment.CurrentManagedThreadId}");
+                logger.LogWarning("Fault injection: {Fault}: a callback of the aborted generation's token blocks for {Ms} ms", f.Text, f.DelayMs);
                 Thread.Sleep(f.DelayMs);
             });
         }

@@ -91,28 +91,32 @@ public partial class HangTests(Xunit.Abstractions.ITestOutputHelper output)
     }
 
     /// <summary>
-    /// Rank 0's generation token carries a callback that blocks for 60 s (a slow close). When rank 1 dies and the
-    /// generation is aborted, rank 0's actor cancels without running that callback itself, so it registers again at
-    /// once and generation 2 forms within the worker-wait deadline (20 s); run on the actor's thread, the callback would
-    /// hold the worker for 60 s and the job would fail waiting for it.
+    /// Rank 0's generation token carries a callback that blocks for 60 s (a slow close). Rank 1 stalls its start, so
+    /// the generation is aborted (generation-start deadline, 8 s) while rank 0's training thread still runs: rank 0's
+    /// actor cancels without running that callback itself, registers again at once, and generation 2 forms within the
+    /// worker-wait deadline (20 s). Run on the actor's thread (Cancel()), the callback would hold the worker for 60 s
+    /// and the job would fail waiting for it.
     /// </summary>
     [Fact]
     public async Task ASlowCancellationCallbackDoesNotStallTheWorkerAndTheJobRecovers()
     {
         string dir = TestSupport.TempDir("hang-slow-abort");
         var clock = Stopwatch.StartNew();
-        var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, 2, ["cluster.collective-timeout=5", "recovery.worker-wait-timeout=20"]),
-            "--fault", "slow-abort:0:60000", "--fault", "kill-worker:1@5"]);
+        var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, 2,
+            ["cluster.collective-timeout=60", "recovery.generation-start-timeout=8", "recovery.worker-wait-timeout=20"]),
+            "--fault", "slow-abort:0:60000", "--fault", "stall-start:1"]);
         output.WriteLine($"the job ended after {clock.Elapsed.TotalSeconds:F1} s");
         Assert.True(run.ExitCode == 0, $"exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
         var journal = await ReadJournal(dir);
+        Assert.Contains(journal, e => e is FaultInjected { Fault: "slow-abort:0:60000" });
         var aborted = journal.OfType<GenerationAborted>().Single();
         output.WriteLine($"journal: {aborted.Reason}");
-        Assert.Contains("rank 1", aborted.Reason);
+        Assert.StartsWith("generation 1 did not start within 8 s (recovery.generation-start-timeout)", aborted.Reason);
         var second = journal.OfType<GenerationStarted>().Single(g => g.Generation == 2);
+        output.WriteLine($"generation 2 started {(second.At - aborted.At).TotalSeconds:F1} s after the abort");
         Assert.True(second.At - aborted.At < TimeSpan.FromSeconds(20), $"generation 2 started {(second.At - aborted.At).TotalSeconds:F0} s after the abort");
         Assert.Contains(journal, e => e is JobEnded { Completed: true });
-        Assert.Contains("a callback of the aborted generation's token blocks for 60000 ms", WorkerLogs(dir));
+        Assert.Contains("slow-abort:0:60000: a callback of the aborted generation's token blocks for 60000 ms", WorkerLogs(dir));
     }
 
     /// <summary>
@@ -131,13 +135,13 @@ public partial class HangTests(Xunit.Abstractions.ITestOutputHelper output)
         string metrics = Path.Combine(dir, "metrics.jsonl");
         while (!File.Exists(metrics) || File.ReadAllLines(metrics).Length < 3)
         {
-            Assert.False(launcher.Process.HasExited, "the launcher exited early: " + await launcher.Output);
+            if (launcher.Process.HasExited) Assert.Fail("the launcher exited early: " + await launcher.Output);
             Assert.True(started.Elapsed < TimeSpan.FromSeconds(120), "training did not start");
             await Task.Delay(100);
         }
         var children = ChildrenOf(launcher.Process.Id);
-        int coordinator = children.Single(p => CommandLine(p).Contains("coordinator"));
-        int worker = children.First(p => CommandLine(p).Contains("worker"));
+        int coordinator = children.Single(p => Arguments(p).Contains("coordinator"));
+        int worker = children.First(p => Arguments(p).Contains("worker"));
         var deadline = Cli.ClusterJob.StartDeadline(JobConfigLoader.Load(Path.Combine(dir, "job.conf")));
         try
         {
@@ -148,6 +152,7 @@ public partial class HangTests(Xunit.Abstractions.ITestOutputHelper output)
             output.WriteLine($"the launcher gave up {clock.Elapsed.TotalSeconds:F1} s after the loss (deadline {deadline.TotalSeconds:0} s)");
             Assert.InRange(clock.Elapsed, deadline - TimeSpan.FromSeconds(2), deadline + TimeSpan.FromSeconds(30));
             string text = await launcher.Output;
+            output.WriteLine(string.Join('\n', text.Split('\n').TakeLast(6)));
             Assert.NotEqual(0, launcher.Process.ExitCode);
             Assert.Contains($"no generation of the job was under way {deadline.TotalSeconds:0} s after worker pid {worker} died " +
                 $"(recovery.worker-wait-timeout + recovery.generation-start-timeout + 30 s): the coordinator (pid {coordinator}) reported neither a start nor a failure", text);
@@ -203,7 +208,7 @@ public partial class HangTests(Xunit.Abstractions.ITestOutputHelper output)
     static string WorkerLogs(string dir) =>
         string.Concat(Directory.GetFiles(Path.Combine(dir, "logs"), "worker-*.log").Select(File.ReadAllText));
 
-    static string CommandLine(int pid) => File.ReadAllText($"/proc/{pid}/cmdline").Replace('\0', ' ');
+    static string[] Arguments(int pid) => File.ReadAllText($"/proc/{pid}/cmdline").Split('\0');
 
     static int[] ChildrenOf(int pid) =>
         Directory.GetDirectories($"/proc/{pid}/task")
