@@ -15,8 +15,16 @@ namespace Distributed.Cli;
 /// </summary>
 static class ClusterJob
 {
-    /// <summary>How long the first generation may take to form.</summary>
-    public static readonly TimeSpan RegistrationTimeout = TimeSpan.FromMinutes(2);
+    /// <summary>What the launcher's deadline allows beyond the coordinator's: starting processes, replaying the journal.</summary>
+    static readonly TimeSpan StartMargin = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// The launcher's own deadline for a generation to be under way, armed whenever none is (at submission, after a
+    /// lost generation, after a replaced process): the coordinator's deadlines plus <see cref="StartMargin"/>, so the
+    /// coordinator's failure, which names more, comes first; this one catches a coordinator that says nothing.
+    /// </summary>
+    public static TimeSpan StartDeadline(JobSpec spec) =>
+        TimeSpan.FromSeconds(spec.Recovery.WorkerWaitSeconds + spec.Recovery.GenerationStartSeconds) + StartMargin;
 
     public const string LauncherRole = "launcher";
 
@@ -57,7 +65,17 @@ static class ClusterJob
             var events = JobEvents.Subscribe(system, coordinator);
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             var exit = processes.NextExit(stop.Token);
-            var registration = Task.Delay(RegistrationTimeout, stop.Token);
+            var startDeadline = StartDeadline(spec);
+            var disarmed = Task.Delay(Timeout.Infinite, stop.Token);
+            Task deadline = disarmed;
+            string since = "";
+            // keep: a worker replaced while the job already waits does not extend the wait (the coordinator's clock runs on too)
+            void Arm(string why, bool keep = false)
+            {
+                if (keep && deadline != disarmed) return;
+                (deadline, since) = (Task.Delay(startDeadline, stop.Token), why);
+            }
+            Arm("the job was submitted");
             EvalResult? lastEval = null;
             long firstStep = -1, lastStep = 0;
             bool completed = false;
@@ -66,7 +84,7 @@ static class ClusterJob
                 while (true)
                 {
                     var next = events.ReadAsync(stop.Token).AsTask();
-                    var done = await Task.WhenAny(next, exit, registration);
+                    var done = await Task.WhenAny(next, exit, deadline);
                     if (done == exit)
                     {
                         var dead = await exit;
@@ -77,15 +95,19 @@ static class ClusterJob
                         logger.LogWarning("{What}; starting a replacement", what);
                         if (dead.Role == "worker") coordinator.Tell(new ProcessExited(dead.Process.Id, dead.Process.ExitCode > 128 ? "was killed" : "exited"));
                         else DownDeadCoordinator(cluster);
+                        // A new coordinator starts its deadlines anew; a lost worker ends the generation.
+                        Arm($"{dead.Role} pid {dead.Process.Id} died", keep: dead.Role == "worker");
                         processes.Replace(dead);
                         exit = processes.NextExit(stop.Token);
                         continue;
                     }
-                    if (done == registration)
+                    if (done == deadline)
                     {
-                        if (firstStep < 0) throw new UserFacingException($"the job did not start within {RegistrationTimeout.TotalSeconds:0} s: fewer than {workers} workers registered");
-                        registration = Task.Delay(Timeout.Infinite, stop.Token);
-                        continue;
+                        var coordinatorProcess = processes.Children.FirstOrDefault(c => c.Role == "coordinator");
+                        throw new UserFacingException($"no generation of the job was under way {startDeadline.TotalSeconds:0} s after {since} " +
+                            $"(recovery.worker-wait-timeout + recovery.generation-start-timeout + {StartMargin.TotalSeconds:0} s): the coordinator" +
+                            (coordinatorProcess is null ? "" : $" (pid {coordinatorProcess.Process.Id})") + " reported neither a start nor a failure" +
+                            (coordinatorProcess is null ? "" : $"; its last output: {coordinatorProcess.LastOutput}"));
                     }
                     switch (await next)
                     {
@@ -95,6 +117,7 @@ static class ClusterJob
                                 (firstStep, lastStep) = (s.FirstStep, s.LastStep);
                                 LogEndpoints(spec, logger);
                             }
+                            deadline = disarmed;
                             logger.LogInformation("Generation {Generation}: {World} workers, steps {First}..{Last}", s.Generation, s.WorldSize, s.FirstStep + 1, s.LastStep);
                             observer.OnStart(s.FirstStep, s.LastStep);
                             break;
@@ -109,6 +132,7 @@ static class ClusterJob
                             observer.OnCheckpoint(c.Step, c.Directory);
                             break;
                         case JobRecovering r:
+                            Arm($"generation {r.AbortedGeneration} was lost");
                             logger.LogWarning("Generation {Generation} lost: {Reason}. Recovering from the last commit (restart {Restarts} of {Max})",
                                 r.AbortedGeneration, r.Reason, r.Restarts, r.MaxRestarts);
                             break;

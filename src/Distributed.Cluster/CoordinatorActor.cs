@@ -21,12 +21,13 @@ public sealed record CoordinatorOptions(JobSpec Spec, int Workers, IReadOnlyList
 /// restarted coordinator resumes the job. Per generation: wait for the workers, pick the newest checkpoint whose
 /// shards verify, assign ranks; commit a checkpoint once every rank's shard is durable (two-phase); on the loss of
 /// a worker or link, abort the generation and start the next one from the last commit, up to recovery.max-restarts.
-/// States: WaitingForWorkers -> Starting -> Running -> (WaitingForWorkers ...) -> Ended.
+/// States: WaitingForWorkers -> Starting -> Running -> (WaitingForWorkers ...) -> Ended. Every wait has a deadline
+/// from the job (recovery.worker-wait-timeout, recovery.generation-start-timeout), a named timer that ends in a loud
+/// failure naming what was awaited; asynchronous work comes back as a message, success or failure.
 /// </summary>
 public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
 {
-    /// <summary>How long a restarted coordinator waits for every rank of the running generation to answer before it aborts it.</summary>
-    static readonly TimeSpan AdoptionTimeout = TimeSpan.FromSeconds(5);
+    const string WorkerWaitTimer = "worker-wait", GenerationStartTimer = "generation-start";
     static readonly TimeSpan AdoptionAskInterval = TimeSpan.FromMilliseconds(250);
 
     readonly JobSpec _spec;
@@ -39,6 +40,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
     readonly List<RegisterWorker> _workers = [];
     readonly HashSet<IActorRef> _subscribers = [];
     readonly HashSet<int> _finished = [];
+    readonly HashSet<int> _started = [];   // ranks of the running generation that built their model (RankStarted)
     readonly Dictionary<long, Dictionary<int, ShardRecord>> _pendingShards = [];
     readonly Dictionary<long, DateTime> _firstShardAt = [];
     readonly ILogger _log;
@@ -48,6 +50,12 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
 
     sealed record ResumePointChosen(string? Directory, long Step, string? Error);
     sealed record AskForMembers;
+    /// <summary>The deadline for the expected workers to register has passed.</summary>
+    sealed record WorkerWaitExpired;
+    /// <summary>Generation <paramref name="Generation"/> was not under way (every rank started) by its deadline.</summary>
+    sealed record GenerationStartExpired(long Generation);
+    /// <summary>A piece of file work (manifest, retention, timing record) failed off the actor.</summary>
+    sealed record FileWorkFailed(string What, string Error);
 
     public ITimerScheduler Timers { get; set; } = null!;
 
@@ -114,14 +122,15 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
     /// A restarted coordinator asks the worker nodes who is in <paramref name="generation"/> (the workers trained on
     /// without it; their reports waited in the singleton proxy). When every rank answers, it takes the generation over
     /// as it runs: their workers, the ranks that finished, the shards it has no commit for. A worker that is no longer
-    /// in it, or silence past <see cref="AdoptionTimeout"/>, aborts the generation instead, as before.
+    /// in it, or silence past recovery.adopt-timeout, aborts the generation instead, as before.
     /// Everything else waits in the stash until then.
     /// </summary>
     void BecomeAdopting(long generation)
     {
         var members = new Dictionary<int, GenerationMember>();
         var recoveredAt = DateTime.UtcNow;
-        int asks = 0, maxAsks = (int)Math.Ceiling(AdoptionTimeout / AdoptionAskInterval);
+        var timeout = TimeSpan.FromSeconds(_spec.Recovery.AdoptSeconds);
+        int asks = 0, maxAsks = (int)Math.Ceiling(timeout / AdoptionAskInterval);
         Timers.StartPeriodicTimer("adopt", new AskForMembers(), TimeSpan.Zero, AdoptionAskInterval);
         _log.LogInformation("Coordinator restarted during generation {Generation}: asking its {Workers} ranks to carry on under it", generation, _expectedWorkers);
         Become(() =>
@@ -131,7 +140,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
             {
                 if (++asks <= maxAsks) { TellWorkerNodes(new AdoptGeneration(generation)); return; }
                 var missing = Enumerable.Range(0, _expectedWorkers).Where(r => !members.ContainsKey(r));
-                GiveUpAdopting(generation, $"ranks {string.Join(", ", missing)} did not answer within {AdoptionTimeout.TotalSeconds:0.#} s");
+                GiveUpAdopting(generation, $"ranks {string.Join(", ", missing)} did not answer within {timeout.TotalSeconds:0.#} s (recovery.adopt-timeout)");
             });
             Command<GenerationMember>(m => m.Generation == generation && m.Rank >= 0 && m.Rank < _expectedWorkers, m =>
             {
@@ -186,10 +195,16 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
 
     void BecomeWaitingForWorkers()
     {
+        Timers.Cancel(GenerationStartTimer);
         if (_workers.Count == _expectedWorkers) { BecomeStarting(); return; }
+        var waitingSince = DateTime.UtcNow;
+        Timers.StartSingleTimer(WorkerWaitTimer, new WorkerWaitExpired(), TimeSpan.FromSeconds(_spec.Recovery.WorkerWaitSeconds));
         Become(() =>
         {
             Common();
+            Command<WorkerWaitExpired>(_ => End(new JobFailed(
+                $"waited {(DateTime.UtcNow - waitingSince).TotalSeconds:0.#} s (recovery.worker-wait-timeout = {_spec.Recovery.WorkerWaitSeconds} s) for {_expectedWorkers} workers " +
+                $"to register: {_workers.Count} did ({(_workers.Count == 0 ? "none" : string.Join(", ", _workers.Select(w => $"pid {w.ProcessId} on {w.Host}")))})")));
             Command<RegisterWorker>(m =>
             {
                 if (_workers.Any(w => w.Worker.Equals(m.Worker))) return;
@@ -224,18 +239,27 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
         if (rank >= 0) _workers.RemoveAt(rank);
     }
 
-    /// <summary>Verifying shards reads files: done off the actor, and the result comes back as a message.</summary>
+    /// <summary>
+    /// Verifying shards reads files: done off the actor, and the result comes back as a message, success or failure.
+    /// The generation-start deadline runs from here until every rank has built its model.
+    /// </summary>
     void BecomeStarting()
     {
+        Timers.Cancel(WorkerWaitTimer);
         var commits = _state.CommitsNewestFirst().ToList();
         string checkpoints = CheckpointsDirectory;
+        long next = _state.Generation + 1;
+        Timers.StartSingleTimer(GenerationStartTimer, new GenerationStartExpired(next), TimeSpan.FromSeconds(_spec.Recovery.GenerationStartSeconds));
         // Queued behind the file work: a manifest or retention still being written must not race the choice (or its manifest).
         var choice = _fileWork.ContinueWith(_ => ChooseResumePoint(commits, checkpoints), TaskScheduler.Default);
         _fileWork = choice;
-        choice.PipeTo(Self, failure: e => new ResumePointChosen(null, 0, $"choosing the checkpoint to resume from failed: {e.Message}"));
+        choice.PipeTo(Self, failure: e => new ResumePointChosen(null, 0,
+            $"choosing the checkpoint to resume from (in {checkpoints}) failed: {e.GetBaseException().GetType().Name}: {e.GetBaseException().Message}"));
         Become(() =>
         {
             Common();
+            Command<GenerationStartExpired>(m => m.Generation == next, _ => End(new JobFailed(
+                $"choosing the checkpoint to resume from (in {checkpoints}) did not finish within {_spec.Recovery.GenerationStartSeconds} s (recovery.generation-start-timeout)")));
             Command<ResumePointChosen>(chosen =>
             {
                 if (_workers.Count < _expectedWorkers) { BecomeWaitingForWorkers(); return; }
@@ -299,6 +323,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
     void StartGeneration(long generation, string? resumeFrom)
     {
         _finished.Clear();
+        _started.Clear();
         _pendingShards.Clear();
         _firstShardAt.Clear();
         // Rank hints first (a stable sort keeps registration order among equals), then whole TP groups on one host.
@@ -320,10 +345,20 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
     {
         Common();
         Command<RegisterWorker>(_ => { });   // late retries of a registration already counted
-        Command<RankStarted>(m => m.Generation == generation && m.Rank == 0, m =>
+        Command<RankStarted>(m => m.Generation == generation, m =>
         {
-            _timeline.RankStarted(m.LoadMs);
-            Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
+            if (m.Rank == 0)
+            {
+                _timeline.RankStarted(m.LoadMs);
+                Publish(new JobStarted(generation, _workers.Count, m.FirstStep, m.LastStep));
+            }
+            if (_started.Add(m.Rank) && _started.Count == _workers.Count) Timers.Cancel(GenerationStartTimer);
+        });
+        Command<GenerationStartExpired>(m => m.Generation == generation, _ =>
+        {
+            var missing = Enumerable.Range(0, _workers.Count).Where(r => !_started.Contains(r)).Select(r => $"rank {r} ({Describe(r)})");
+            Abort(generation, $"generation {generation} did not start within {_spec.Recovery.GenerationStartSeconds} s (recovery.generation-start-timeout): " +
+                $"{string.Join(", ", missing)} did not report that it built its model (checkpoint read, state broadcast)");
         });
         // Progress comes from the rank that has the loss: the last pipeline stage's.
         int reporting = ParallelLayout.For(_spec, _workers.Count).ReportingRank;
@@ -421,12 +456,19 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
     void WriteManifest(string directory, CheckpointCommitted commit) =>
         CheckpointFiles.WriteManifest(directory, CheckpointManifest.For(commit.Step, commit.Generation, commit.Shards, _spec));
 
-    /// <summary>File work of the actor (manifests, retention, timing records): off the actor, one piece after the other, in order.</summary>
-    void QueueFileWork(string what, Action work) => _fileWork = _fileWork.ContinueWith(_ =>
+    /// <summary>
+    /// File work of the actor (manifests, retention, timing records): off the actor, one piece after the other, in
+    /// order. A failure of any kind comes back as a message (a faulted task nobody awaits would be silent).
+    /// </summary>
+    void QueueFileWork(string what, Action work)
     {
-        try { work(); }
-        catch (Exception e) when (e is IOException or CheckpointException) { _log.LogError("Failed {What}: {Error}", what, e.Message); }
-    }, TaskScheduler.Default);
+        var self = Self;
+        _fileWork = _fileWork.ContinueWith(_ =>
+        {
+            try { work(); }
+            catch (Exception e) { self.Tell(new FileWorkFailed(what, $"{e.GetType().Name}: {e.Message}")); }
+        }, TaskScheduler.Default);
+    }
 
     /// <summary>The job is complete when every rank finished and the checkpoint of its last step (train.max-iters) is committed.</summary>
     void TryComplete()
@@ -466,6 +508,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
         };
         Record(ended, _ =>
         {
+            Timers.CancelAll();
             Become(() => Ended(outcome));
             // Whoever hears of the end may stop this process at once: the queued file work (the newest commit's manifest) goes first, within a bound.
             var (self, announce) = (Self, new EndAnnounced(ended.Completed, ended.Reason));
@@ -490,6 +533,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
         });
         Command<JobStatusRequest>(_ => Sender.Tell(Status(ended: true)));
         Command<RegisterWorker>(m => m.Worker.Tell(new Shutdown(outcome is JobCompleted, "the job is over")));
+        Command<FileWorkFailed>(f => _log.LogError("Failed {What}: {Error}", f.What, f.Error));
         CommandAny(_ => { });
     }
 
@@ -502,6 +546,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
         Command<JobStatusRequest>(_ => Sender.Tell(Status(ended: false)));
         Command<SaveSnapshotSuccess>(_ => { });
         Command<SaveSnapshotFailure>(f => _log.LogWarning("Snapshot failed: {Error}", f.Cause.Message));
+        Command<FileWorkFailed>(f => _log.LogError("Failed {What}: {Error}", f.What, f.Error));
     }
 
     /// <summary>Persists an event, applies it to the state, snapshots every persistence.snapshot-every events.</summary>

@@ -19,7 +19,8 @@ sealed class WorkerFaults(IReadOnlyList<Fault> faults, int rank, int worldSize, 
 
     public bool Any => faults.Count > 0;
 
-    public void Attach(PeerLinks links)
+    /// <summary>On the training thread, as the generation starts (<paramref name="generation"/> is cancelled when it is aborted).</summary>
+    public void Attach(PeerLinks links, CancellationToken generation)
     {
         _links = links;
         foreach (var f in faults.Where(f => f.Kind == FaultKind.DelayLink))
@@ -27,6 +28,31 @@ sealed class WorkerFaults(IReadOnlyList<Fault> faults, int rank, int worldSize, 
             Report(f, DateTime.UtcNow);
             links.SetDelay(f.Peer, TimeSpan.FromMilliseconds(f.DelayMs));
         }
+        // Reported (so journaled, so it fires once) when armed: once the generation is aborted the coordinator no longer listens to it.
+        // The registration is never disposed: disposing waits for a running callback, which is what this fault makes slow.
+        foreach (var f in faults.Where(f => f.Kind == FaultKind.SlowAbort))
+        {
+            Report(f, DateTime.UtcNow);
+            generation.Register(() =>
+            {
+                logger.LogWarning("Fault injection: {Fault}: a callback of the aborted generation's token blocks for {Ms} ms", f.Text, f.DelayMs);
+                Thread.Sleep(f.DelayMs);
+            });
+        }
+    }
+
+    /// <summary>
+    /// On the training thread, before the generation's initial state broadcast: a stall-start rank takes no part in it
+    /// and waits until the generation is aborted, so its peers wait inside the broadcast.
+    /// </summary>
+    public void BeforeStateBroadcast(CancellationToken generation)
+    {
+        var f = faults.FirstOrDefault(f => f.Kind == FaultKind.StallStart);
+        if (f is null) return;
+        Report(f, DateTime.UtcNow);
+        logger.LogWarning("Fault injection: {Fault}: rank {Rank} stalls before the state broadcast until the generation is aborted", f.Text, rank);
+        generation.WaitHandle.WaitOne();
+        generation.ThrowIfCancellationRequested();
     }
 
     /// <summary>On the training thread, after each optimizer step.</summary>

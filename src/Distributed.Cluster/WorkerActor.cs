@@ -26,6 +26,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     readonly Microsoft.Extensions.Logging.ILogger _log;
     long _generation = -1;
     CancellationTokenSource? _training;   // set while a training thread runs
+    Task? _cancelling;                     // the callbacks of _training's cancellation, while they run
     AssignRank? _next;                     // an assignment waiting for the previous thread to stop
     WorkerFaults? _faults;
     CommitNotices? _commits;
@@ -38,6 +39,8 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
     sealed record TryRegister;
     sealed record PreemptionRequested;
     sealed record TrainingStopped(long Generation);
+    /// <summary>The callbacks of a cancelled generation's token have all run (<paramref name="Error"/>: one of them threw).</summary>
+    sealed record CancellationFinished(long Generation, CancellationTokenSource Source, string? Error);
 
     public ITimerScheduler Timers { get; set; } = null!;
 
@@ -65,9 +68,15 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             if (m.Generation == _member?.Generation) _member = null;
             if (m.Generation < _generation || _training is null) return;
             _log.LogInformation("Generation {Generation} aborted: {Reason}", m.Generation, m.Reason);
-            _training.Cancel();
+            CancelTraining();
         });
         Receive<TrainingStopped>(OnTrainingStopped);
+        Receive<CancellationFinished>(m =>
+        {
+            if (m.Error is not null) _log.LogError("Cancelling generation {Generation} failed in a callback: {Error}", m.Generation, m.Error);
+            // Disposed here once its thread has stopped too (else OnTrainingStopped disposes it): never while callbacks still run.
+            if (m.Source != _training) m.Source.Dispose();
+        });
         Receive<CheckpointCommittedNotice>(m =>
         {
             if (m.Generation != _generation) return;
@@ -95,7 +104,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         Receive<Shutdown>(m =>
         {
             _log.LogInformation("Shutting down: {Reason}", m.Reason);
-            _training?.Cancel();
+            CancelTraining();
             _exitCode.TrySetResult(m.JobCompleted ? ExitCodes.Completed : ExitCodes.JobFailed);
         });
     }
@@ -122,7 +131,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         {
             // Still winding down an older generation: this one starts when that thread has stopped.
             _next = m;
-            _training.Cancel();
+            CancelTraining();
             return;
         }
         _generation = m.Generation;
@@ -137,12 +146,29 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
         thread.Start();
     }
 
+    /// <summary>
+    /// Cancels the running generation without running its token's callbacks on this actor's thread: Cancel() would run
+    /// every one of them here, and every continuation they complete inline (a slow one would stall this actor, and with
+    /// it registration and shutdown). CancelAsync flips the token at once and runs them on the thread pool; their
+    /// outcome comes back as <see cref="CancellationFinished"/>.
+    /// </summary>
+    void CancelTraining()
+    {
+        if (_training is not { IsCancellationRequested: false } training) return;
+        long generation = _generation;
+        _cancelling = training.CancelAsync();
+        _cancelling.PipeTo(Self, success: () => new CancellationFinished(generation, training, null),
+            failure: e => new CancellationFinished(generation, training, e.GetBaseException().Message));
+    }
+
     void OnTrainingStopped(TrainingStopped m)
     {
         if (m.Generation != _generation) return;
         if (_finishedStep is null) _member = null;   // stopped without finishing: no longer in the generation
-        _training?.Dispose();
+        // Callbacks still running on the thread pool: CancellationFinished disposes the source once they are done.
+        if (_cancelling is not { IsCompleted: false }) _training?.Dispose();
         _training = null;
+        _cancelling = null;
         if (_exitCode.Task.IsCompleted) return;
         if (_preemption.IsRequested) { _exitCode.TrySetResult(ExitCodes.Preempted); return; }
         if (_next is { } next) { _next = null; OnAssignRank(next); }
@@ -167,7 +193,7 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
             var links = new PeerLinks(_node, generation, assignment.Endpoints, transport);
             try
             {
-                faults.Attach(links);
+                faults.Attach(links, cancellation);
                 var layout = ParallelLayout.For(spec, assignment.Endpoints.Count);
                 var options = new CollectiveOptions { Timeout = TimeSpan.FromSeconds(spec.Cluster.CollectiveTimeoutSeconds), Kernels = kernels };
                 var groups = TrainerGroups.Create(links, layout, rank, options, compressGradients: spec.Cluster.Compression == "bf16");
@@ -176,7 +202,9 @@ public sealed class WorkerActor : ReceiveActor, IWithTimers
                     string.Join(", ", layout.Group(ParallelAxis.Data, rank)), string.Join(", ", layout.Group(ParallelAxis.Pipeline, rank)));
                 var writer = new ShardWriter(new ClusterCommit(self, generation)) { BeforeRename = faults.BeforeRename, Logger = logger };
                 using var telemetry = WorkerTelemetry.Start(spec, _node, links, groups, options, gpuUsed: kernels.Description.Contains("Cuda", StringComparison.OrdinalIgnoreCase), cancellation);
-                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer);
+                faults.BeforeStateBroadcast(cancellation);
+                // The constructor's state broadcast waits on peers: an aborted generation cancels it too.
+                using var trainer = new Trainer(spec, logger, assignment.ResumeFrom, groups, writer, cancellation);
                 // What this rank holds: its weights and moments (a share of them under ZeRO-1), and gradients the size of the weights.
                 if (telemetry is not null)
                     telemetry.TensorBytes = trainer.StateTensors().Sum(s => s.Tensor.NumberOfElements * s.Tensor.ElementSize)

@@ -3,11 +3,11 @@ using System.Text.RegularExpressions;
 
 namespace Distributed.Core;
 
-public enum FaultKind { KillWorker, KillCoordinator, DropLink, DelayLink, CorruptShard, KillDuringCheckpoint }
+public enum FaultKind { KillWorker, KillCoordinator, DropLink, DelayLink, CorruptShard, KillDuringCheckpoint, StallStart, SlowAbort }
 
 /// <summary>
 /// One injected fault (`dtrain train --fault ...`). Rank is the victim (or one end of a link), Peer the other end,
-/// Step when it fires (after that optimizer step), DelayMs a link's added latency. Text is the canonical spelling,
+/// Step when it fires (after that optimizer step), DelayMs a link's added latency (or how long a slow abort takes). Text is the canonical spelling,
 /// which also identifies the fault in the journal so that a fault fires once per job.
 /// </summary>
 public sealed record Fault(FaultKind Kind, int Rank, int Peer, long Step, int DelayMs)
@@ -20,6 +20,8 @@ public sealed record Fault(FaultKind Kind, int Rank, int Peer, long Step, int De
         FaultKind.DelayLink => $"delay-link:{Rank}-{Peer}:{DelayMs}",
         FaultKind.CorruptShard => $"corrupt-shard:{Rank}@{Step}",
         FaultKind.KillDuringCheckpoint => $"kill-during-checkpoint:{Rank}@{Step}",
+        FaultKind.StallStart => $"stall-start:{Rank}",
+        FaultKind.SlowAbort => $"slow-abort:{Rank}:{DelayMs}",
         _ => Kind.ToString(),
     };
 
@@ -30,7 +32,13 @@ public sealed record Fault(FaultKind Kind, int Rank, int Peer, long Step, int De
 public static partial class Faults
 {
     public const string Kinds = "kill-worker:RANK@STEP, kill-coordinator@STEP, drop-link:A-B@STEP, delay-link:A-B:MS, " +
-        "corrupt-shard:RANK@STEP, kill-during-checkpoint:RANK@STEP, random:COUNT";
+        "corrupt-shard:RANK@STEP, kill-during-checkpoint:RANK@STEP, stall-start:RANK, slow-abort:RANK:MS, random:COUNT";
+
+    /// <summary>
+    /// Faults that provoke a wait rather than a loss (a rank that never joins its generation's start, a cancellation
+    /// that takes long): they end only through a deadline, so random:COUNT does not draw them.
+    /// </summary>
+    public static readonly FaultKind[] Waits = [FaultKind.StallStart, FaultKind.SlowAbort];
 
     [GeneratedRegex(@"^(?<kind>kill-worker|corrupt-shard|kill-during-checkpoint):(?<rank>\d+)@(?<step>\d+)$")]
     private static partial Regex RankAtStep();
@@ -40,6 +48,10 @@ public static partial class Faults
     private static partial Regex DropLink();
     [GeneratedRegex(@"^delay-link:(?<a>\d+)-(?<b>\d+):(?<ms>\d+)$")]
     private static partial Regex DelayLink();
+    [GeneratedRegex(@"^stall-start:(?<rank>\d+)$")]
+    private static partial Regex StallStart();
+    [GeneratedRegex(@"^slow-abort:(?<rank>\d+):(?<ms>\d+)$")]
+    private static partial Regex SlowAbort();
     [GeneratedRegex(@"^random:(?<count>\d+)$")]
     private static partial Regex Random();
 
@@ -67,6 +79,10 @@ public static partial class Faults
                 faults.Add(Link(FaultKind.DropLink, m, v, workers, Step(m, v, maxIters), 0));
             else if ((m = DelayLink().Match(v)).Success)
                 faults.Add(Link(FaultKind.DelayLink, m, v, workers, 0, int.Parse(m.Groups["ms"].Value, CultureInfo.InvariantCulture)));
+            else if ((m = StallStart().Match(v)).Success)
+                faults.Add(new Fault(FaultKind.StallStart, Rank(m, "rank", v, workers), -1, 0, 0));
+            else if ((m = SlowAbort().Match(v)).Success)
+                faults.Add(new Fault(FaultKind.SlowAbort, Rank(m, "rank", v, workers), -1, 0, int.Parse(m.Groups["ms"].Value, CultureInfo.InvariantCulture)));
             else if ((m = Random().Match(v)).Success)
                 faults.AddRange(Draw(int.Parse(m.Groups["count"].Value, CultureInfo.InvariantCulture), faultSeed, workers, maxIters, checkpointEvery));
             else

@@ -35,8 +35,14 @@ public sealed record ClusterSpec(int Workers, string Transport, double BucketMeg
 /// </summary>
 public sealed record PersistenceSpec(string Provider, string ConnectionString, int SnapshotEvery);
 
-/// <summary>How often a job may lose a generation (a worker, a link, the coordinator) and start a new one before it fails.</summary>
-public sealed record RecoverySpec(int MaxRestarts);
+/// <summary>
+/// How often a job may lose a generation (a worker, a link, the coordinator) and start a new one before it fails, and
+/// how long the coordinator waits for each stage of a start: WorkerWaitSeconds for the expected workers to register
+/// (then the job fails, naming who is missing), GenerationStartSeconds from the choice of checkpoint until every rank
+/// has built its model (then the generation is aborted, naming the ranks that did not report), AdoptSeconds for every
+/// rank of the running generation to answer a restarted coordinator (then it aborts the generation instead of adopting it).
+/// </summary>
+public sealed record RecoverySpec(int MaxRestarts, double WorkerWaitSeconds = 120, double GenerationStartSeconds = 300, double AdoptSeconds = 5);
 
 /// <summary>
 /// How a running job shows itself. TensorBoard: the leader writes event files under run.dir/tensorboard. MetricsPort

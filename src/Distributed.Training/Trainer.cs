@@ -46,9 +46,12 @@ public sealed class Trainer : IDisposable
 
     /// <param name="groups">this rank's layout and process groups; none for the plain single process</param>
     /// <param name="checkpoints">writes this rank's checkpoint shards and reports them to the commit; a single process commits its own</param>
-    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, TrainerGroups? groups = null, ShardWriter? checkpoints = null)
+    /// <param name="cancellationToken">cancels the initial state broadcast (an aborted generation); <see cref="Run"/> takes its own</param>
+    public Trainer(JobSpec spec, ILogger logger, string? resumeFrom = null, TrainerGroups? groups = null, ShardWriter? checkpoints = null,
+        CancellationToken cancellationToken = default)
     {
         _spec = spec;
+        _cancellation = cancellationToken;
         _logger = logger;
         _groups = groups;
         _dataParallel = groups?.Data;
@@ -110,6 +113,13 @@ public sealed class Trainer : IDisposable
                 _buckets = new GradientBuckets(Model, _gradients!, _dataParallel, (long)(_spec.Cluster.BucketMegabytes * 1_000_000),
                     _spec.Cluster.Overlap && _pipeline is null);
             }
+        }
+        catch
+        {
+            // A start that fails or is cancelled (an aborted generation, mid-broadcast) leaves no native tensors behind in the worker process.
+            _optimizer?.Dispose();
+            Model?.Dispose();
+            throw;
         }
         finally
         {

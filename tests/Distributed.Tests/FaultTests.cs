@@ -213,6 +213,16 @@ public partial class FaultTests(UninterruptedRun reference, Xunit.Abstractions.I
         return (await JournalReader.ReadAsync(spec, TimeSpan.FromSeconds(30))).Select(e => e.Event).ToList();
     }
 
+    /// <summary>Every step of metrics.jsonl appears once: no generation went back to redo steps.</summary>
+    static void AssertNoStepRedone(string dir)
+    {
+        var steps = File.ReadLines(Path.Combine(dir, "metrics.jsonl"))
+            .Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64()).ToList();
+        var redone = steps.GroupBy(s => s).Where(g => g.Count() > 1).Select(g => g.Key).ToList();
+        Assert.True(redone.Count == 0, $"steps trained twice: {string.Join(", ", redone)}");
+        Assert.Equal(steps.Max(), steps.Count);
+    }
+
     internal static string CoordinatorLogs(string dir) =>
         string.Concat(Directory.GetFiles(Path.Combine(dir, "logs"), "coordinator-*.log").Select(File.ReadAllText));
 

@@ -72,6 +72,9 @@ public static class JobConfigLoader
         new("persistence.connection-string", Kind.String, ""),
         new("persistence.snapshot-every", Kind.Int, "20", 1, int.MaxValue),
         new("recovery.max-restarts", Kind.Int, "3", 0, 1000),
+        new("recovery.worker-wait-timeout", Kind.Double, "120", 0.1, 86400),
+        new("recovery.generation-start-timeout", Kind.Double, "300", 0.1, 86400),
+        new("recovery.adopt-timeout", Kind.Double, "5", 0.1, 3600),
         new("security.mode", Kind.String, "none"),
         new("security.certificates", Kind.String, ""),
     ];
@@ -138,7 +141,7 @@ public static class JobConfigLoader
             Cluster: new ClusterSpec(I("cluster.workers"), S("cluster.transport"), D("cluster.bucket-mb"), D("cluster.collective-timeout"), S("cluster.compression"),
                 S("cluster.kernels"), B("cluster.overlap")),
             Persistence: new PersistenceSpec(S("persistence.provider"), Raw("persistence.connection-string"), I("persistence.snapshot-every")),
-            Recovery: new RecoverySpec(I("recovery.max-restarts")))
+            Recovery: new RecoverySpec(I("recovery.max-restarts"), D("recovery.worker-wait-timeout"), D("recovery.generation-start-timeout"), D("recovery.adopt-timeout")))
         {
             Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule"), B("parallel.shard-optimizer")),
             Observability = new ObservabilitySpec(B("run.tensorboard"), I("cluster.metrics-port"), I("cluster.status-port"), S("cluster.http-host"),
@@ -168,7 +171,8 @@ public static class JobConfigLoader
             $"metrics-port = {w.MetricsPort}, status-port = {w.StatusPort}, http-host = {Q(w.HttpHost)}, report-interval = {F(w.ReportIntervalSeconds)} }}",
             $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)}, shard-optimizer = {(spec.Parallel.ShardOptimizer ? "true" : "false")} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
-            $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts} }}",
+            $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts}, worker-wait-timeout = {F(spec.Recovery.WorkerWaitSeconds)}, " +
+            $"generation-start-timeout = {F(spec.Recovery.GenerationStartSeconds)}, adopt-timeout = {F(spec.Recovery.AdoptSeconds)} }}",
             $"security {{ mode = {Q(spec.Security.Mode)}, certificates = {Q(spec.Security.Certificates)} }}") + "\n";
     }
 
