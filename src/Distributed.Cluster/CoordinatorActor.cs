@@ -169,6 +169,11 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
             _pendingShards.Clear();
             _firstShardAt.Clear();
             foreach (var m in members.Values.Where(m => m.FinishedStep is not null)) _finished.Add(m.Rank);
+            _started.Clear();
+            foreach (var m in members.Values.Where(m => m.Started is not null)) _started.Add(m.Rank);
+            // Adopted while ranks were still starting: their deadline runs again from here.
+            if (_started.Count < _workers.Count)
+                Timers.StartSingleTimer(GenerationStartTimer, new GenerationStartExpired(generation), TimeSpan.FromSeconds(_spec.Recovery.GenerationStartSeconds));
             string record = _timeline.Adopted(generation, recoveredAt, adopted.At), adoptions = RunFiles.In(_spec.RunDir, RunFiles.Adoptions);
             QueueFileWork($"appending to {adoptions}", () => File.AppendAllText(adoptions, record));
             _log.LogInformation("Adopted generation {Generation} as it runs: every rank answered {Ms:F0} ms after the journal was replayed; nothing is redone",
