@@ -52,11 +52,12 @@ public class JournalTests
         using var system = ActorSystem.Create("journal-test", "akka.loglevel = ERROR\nakka.suppress-json-serializer-warning = on");
         try
         {
-            var snapshot = new[] { new JobSubmitted("s", "job", 2, At), (object)Commit(10, 1), new FaultInjected("kill-coordinator@5", At) }
+            var snapshot = new[] { new JobSubmitted("s", "job", 2, At), new GenerationStarted(1, 2, 0, At), (object)Commit(10, 1), new FaultInjected("kill-coordinator@5", At) }
                 .Aggregate(JobState.Empty, (s, e) => s.Apply(e));
+            Assert.True(snapshot.GenerationRunning);   // a coordinator restored from this snapshot adopts generation 1
             object[] all =
             [
-                new JobSubmitted("s", "job", 2, At), new GenerationStarted(1, 2, 0, At), new GenerationAborted(1, "why", At), Commit(10, 1), new CheckpointsRetired([10], At),
+                new JobSubmitted("s", "job", 2, At), new GenerationStarted(1, 2, 0, At), new GenerationAborted(1, "why", At), new GenerationAdopted(1, At), Commit(10, 1), new CheckpointsRetired([10], At),
                 new FaultInjected("f", At), new JobEnded(true, 40, "done", At), snapshot,
             ];
             foreach (var value in all)
