@@ -381,13 +381,6 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
             _finished.Add(m.Rank);
             TryComplete();
         });
-        Command<FaultFired>(m => Record(new FaultInjected(m.Fault, m.At), _ =>
-        {
-            _timeline.FaultFired(m.Fault, m.At);
-            Publish(new JobFaultInjected(m.Fault, m.At));
-            // Rank 0 announces kill-coordinator at the exact step; the coordinator journals it (so it fires once) and dies.
-            if (_faults.FirstOrDefault(f => f.Text == m.Fault && f.Kind == FaultKind.KillCoordinator) is { } fault) KillThisProcess(fault);
-        }));
         Command<WorkerFailed>(m => m.Generation == generation, m =>
         {
             string who = m.FailedPeer is int lost && lost >= 0 && lost < _workers.Count
@@ -544,6 +537,15 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
 
     void Common()
     {
+        // In every state: a fault may fire while the generation is being aborted or adopted (its report waited in the
+        // proxy while the coordinator was down); journaled once, so it never fires again.
+        Command<FaultFired>(m => Record(new FaultInjected(m.Fault, m.At), _ =>
+        {
+            _timeline.FaultFired(m.Fault, m.At);
+            Publish(new JobFaultInjected(m.Fault, m.At));
+            // Rank 0 announces kill-coordinator at the exact step; the coordinator journals it (so it fires once) and dies.
+            if (_faults.FirstOrDefault(f => f.Text == m.Fault && f.Kind == FaultKind.KillCoordinator) is { } fault) KillThisProcess(fault);
+        }));
         Command<SubscribeToJob>(m =>
         {
             if (_subscribers.Add(m.Subscriber)) m.Subscriber.Tell(new JobHistory(_spec.Name, _expectedWorkers, _state));
