@@ -161,8 +161,7 @@ public sealed class CoordinatorActor : ReceivePersistentActor, IWithTimers
         Timers.Cancel("adopt");
         Record(new GenerationAdopted(generation, DateTime.UtcNow), adopted =>
         {
-            foreach (var w in _workers) Context.Unwatch(w.Worker);
-            _workers.Clear();
+            _workers.Clear();   // empty after a restart: nothing was watched yet
             _workers.AddRange(members.OrderBy(m => m.Key).Select(m => m.Value.Worker));
             foreach (var w in _workers) Context.Watch(w.Worker);
             _finished.Clear();

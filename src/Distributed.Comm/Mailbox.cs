@@ -160,8 +160,13 @@ public sealed class Mailbox(DataPlaneCounters? counters = null)
         var slot = _slots.GetOrAdd(key, _ => new Slot());
         try
         {
-            if (_aborted is { } aborted) throw aborted;
-            if (_failedPeers.TryGetValue(source, out var failure)) throw failure;
+            // A chunk that arrived before its sender failed (a peer that finished and closed its links) is still taken:
+            // only a receive with nothing delivered fails at once.
+            if (!slot.Chunk.Task.IsCompleted)
+            {
+                if (_aborted is { } aborted) throw aborted;
+                if (_failedPeers.TryGetValue(source, out var failure)) throw failure;
+            }
             return await slot.Chunk.Task.WaitAsync(timeout, cancellationToken).ConfigureAwait(false);
         }
         catch (TimeoutException)
