@@ -23,6 +23,13 @@ public interface IProcessGroup
     Task AllGatherAsync(ReadOnlyMemory<float> mine, Memory<float> all, CancellationToken cancellationToken = default);
     /// <summary>Reduces <paramref name="input"/> over members; member r receives segment r (see <see cref="ProcessGroup.Segment"/>).</summary>
     Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken cancellationToken = default);
+    /// <summary>
+    /// In place, over uneven segments (one contiguous range per member, in rank order, tiling the buffer; ZeRO-1's
+    /// partition): afterwards segment <see cref="Rank"/> holds the reduction, the others partial results.
+    /// </summary>
+    Task ReduceScatterAsync(Memory<float> data, IReadOnlyList<(int Start, int Length)> segments, ReduceOp op, CancellationToken cancellationToken = default);
+    /// <summary>In place, over the same kind of segments: each member's segment is copied to every other.</summary>
+    Task AllGatherAsync(Memory<float> data, IReadOnlyList<(int Start, int Length)> segments, CancellationToken cancellationToken = default);
     Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default);
     Task ReceiveAsync(int source, Memory<byte> data, CancellationToken cancellationToken = default);
     Task BarrierAsync(CancellationToken cancellationToken = default);

@@ -62,7 +62,7 @@ public sealed class ProcessGroup : IProcessGroup
         int n = Size;
         if ((long)data.Length * sizeof(float) <= _options.OneShotLimit(n) && _options.Compression == Compression.None)
             return OneShotAllReduce(data, op, cancellationToken);
-        var segments = Enumerable.Range(0, n).Select(i => Segment(data.Length, n, i)).ToArray();
+        var segments = EvenSegments(data.Length);
         var steps = ReduceScatterSteps(n).Concat(AllGatherSteps(n)).ToList();
         return RunRing("all-reduce", data, segments, steps, scaleAfterStep: op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
             compressed: _options.Compression == Compression.BFloat16, reduce: op);
@@ -70,14 +70,25 @@ public sealed class ProcessGroup : IProcessGroup
 
     public async Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken cancellationToken = default)
     {
-        int n = Size;
-        var segments = Enumerable.Range(0, n).Select(i => Segment(input.Length, n, i)).ToArray();
+        var segments = EvenSegments(input.Length);
         if (output.Length != segments[Rank].Length)
             throw new ArgumentException($"reduce-scatter output has {output.Length} elements, rank {Rank}'s segment has {segments[Rank].Length}");
         var work = input.ToArray();   // the ring reduces in place; the caller's input stays as it was
-        await RunRing("reduce-scatter", work, segments, ReduceScatterSteps(n).ToList(), op == ReduceOp.Mean ? n - 2 : -1, cancellationToken,
-            compressed: _options.Compression == Compression.BFloat16, reduce: op).ConfigureAwait(false);
+        await ReduceScatterAsync(work, segments, op, cancellationToken).ConfigureAwait(false);
         work.AsMemory(segments[Rank].Start, segments[Rank].Length).CopyTo(output);
+    }
+
+    public async Task ReduceScatterAsync(Memory<float> data, IReadOnlyList<(int Start, int Length)> segments, ReduceOp op, CancellationToken cancellationToken = default)
+    {
+        var ranges = CheckSegments("reduce-scatter", data.Length, segments);
+        // Half an all-reduce's traffic: counted as half its bytes, so the bus bandwidth in reports stays comparable.
+        Counters.Started((long)data.Length * sizeof(float) / 2);
+        try
+        {
+            await RunRing("reduce-scatter", data, ranges, ReduceScatterSteps(Size).ToList(), op == ReduceOp.Mean ? Size - 2 : -1, cancellationToken,
+                compressed: _options.Compression == Compression.BFloat16, reduce: op).ConfigureAwait(false);
+        }
+        finally { Counters.Finished(); }
     }
 
     public Task AllGatherAsync(ReadOnlyMemory<float> mine, Memory<float> all, CancellationToken cancellationToken = default)
@@ -85,9 +96,33 @@ public sealed class ProcessGroup : IProcessGroup
         int n = Size;
         if (all.Length != mine.Length * n)
             throw new ArgumentException($"all-gather output has {all.Length} elements, expected {n} x {mine.Length}");
-        var segments = Enumerable.Range(0, n).Select(i => (i * mine.Length, mine.Length)).ToArray();
         mine.CopyTo(all[(Rank * mine.Length)..]);
-        return RunRing("all-gather", all, segments, AllGatherSteps(n).ToList(), -1, cancellationToken);
+        return AllGatherAsync(all, Enumerable.Range(0, n).Select(i => (i * mine.Length, mine.Length)).ToArray(), cancellationToken);
+    }
+
+    public async Task AllGatherAsync(Memory<float> data, IReadOnlyList<(int Start, int Length)> segments, CancellationToken cancellationToken = default)
+    {
+        var ranges = CheckSegments("all-gather", data.Length, segments);
+        Counters.Started((long)data.Length * sizeof(float) / 2);
+        try { await RunRing("all-gather", data, ranges, AllGatherSteps(Size).ToList(), -1, cancellationToken).ConfigureAwait(false); }
+        finally { Counters.Finished(); }
+    }
+
+    (int Start, int Length)[] EvenSegments(int total) => Enumerable.Range(0, Size).Select(i => Segment(total, Size, i)).ToArray();
+
+    /// <summary>Segments must tile the buffer in rank order (the ring's member r owns segment r); an empty one is allowed.</summary>
+    (int Start, int Length)[] CheckSegments(string name, int total, IReadOnlyList<(int Start, int Length)> segments)
+    {
+        if (segments.Count != Size) throw new ArgumentException($"{name}: {segments.Count} segments for a group of {Size}");
+        int next = 0;
+        for (int i = 0; i < segments.Count; i++)
+        {
+            if (segments[i].Start != next || segments[i].Length < 0)
+                throw new ArgumentException($"{name}: segment {i} is [{segments[i].Start}, +{segments[i].Length}), expected to start at {next}: segments must tile the buffer in rank order");
+            next += segments[i].Length;
+        }
+        if (next != total) throw new ArgumentException($"{name}: segments cover {next} of the buffer's {total} elements");
+        return [.. segments];
     }
 
     public async Task BroadcastAsync(Memory<byte> data, int root, CancellationToken cancellationToken = default)

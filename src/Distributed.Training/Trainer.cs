@@ -90,7 +90,11 @@ public sealed class Trainer : IDisposable
                 : new ParallelGpt(spec.Model, _corpus.Tokenizer.Size, spec.Seed, _tensorParallel, _stage);
             if (groups is { Layout.Pp: > 1 })
                 _pipeline = new PipelineEngine((ParallelGpt)Model, groups.Pipeline, _tensorParallel!, spec.Parallel.Schedule, spec.Parallel.MicroBatches);
-            if (spec.Parallel.ShardOptimizer && DataParallelSize > 1) _optimizerOwner = DealOptimizerShards(Model.Parameters, DataParallelSize);
+            // A group of one has nothing to average: it trains exactly as the plain loop does (no buckets).
+            var plan = _dataParallel is { Size: > 1 }
+                ? BucketPlan.Of(Model, (long)(_spec.Cluster.BucketMegabytes * 1_000_000), spec.Parallel.ShardOptimizer ? DataParallelSize : 1)
+                : null;
+            if (plan is { Sharded: true }) _optimizerOwner = plan.OwnerByName(Model);
             _optimizer = new AdamW(Model.Parameters.Where(p => _optimizerOwner is null || _optimizerOwner[p.Name] == DataParallelRank)
                 .Select(p => (p.Name, p.Tensor)), spec.Optimizer);
             if (checkpoint is not null)
@@ -105,13 +109,11 @@ public sealed class Trainer : IDisposable
                 Rank, (Model.Parameters.Sum(p => p.Tensor.NumberOfElements) + 2 * _optimizer.State.Sum(s => s.ExpAvg.NumberOfElements)) * sizeof(float),
                 2 * _optimizer.State.Sum(s => s.ExpAvg.NumberOfElements) * sizeof(float), Model.Parameters.Sum(p => p.Tensor.NumberOfElements),
                 Model.Parameters.Sum(p => p.Slice is { } s ? s.GlobalShape.Aggregate(1L, (a, b) => a * b) : p.Tensor.NumberOfElements));
-            if (_dataParallel is { Size: > 1 }) SynchronizeWithRankZero();
-            // A group of one has nothing to average: it trains exactly as the plain loop does.
-            if (_dataParallel is { Size: > 1 })
+            if (plan is not null)
             {
+                SynchronizeWithRankZero();
                 // A pipeline interleaves micro-batches' forwards and backwards: its buckets start after the schedule.
-                _buckets = new GradientBuckets(Model, _gradients!, _dataParallel, (long)(_spec.Cluster.BucketMegabytes * 1_000_000),
-                    _spec.Cluster.Overlap && _pipeline is null);
+                _buckets = new GradientBuckets(Model, _gradients!, _dataParallel!, plan, _spec.Cluster.Overlap && _pipeline is null);
             }
         }
         catch
@@ -203,30 +205,6 @@ public sealed class Trainer : IDisposable
         return lastEval;
     }
 
-    /// <summary>
-    /// ZeRO-1's partition, by whole parameters: dealt in order to the data-parallel rank with the fewest bytes so far
-    /// (the dealing checkpoints use), so every rank keeps about 1/dp of the moments. Gradients are still all-reduced
-    /// (every rank clips by the same full norm); the owner steps a parameter and broadcasts it.
-    /// </summary>
-    static Dictionary<string, int> DealOptimizerShards(IReadOnlyList<ModelParameter> parameters, int ranks)
-    {
-        var entries = parameters.Select(p => new StateEntry(p.Name, p.Tensor, p.Slice)).ToList();
-        var owner = new Dictionary<string, int>();
-        for (int r = 0; r < ranks; r++)
-            foreach (var e in CheckpointFiles.ShardOf(entries, r, ranks)) owner[e.Name] = r;
-        return owner;
-    }
-
-    /// <summary>ZeRO-1: every parameter from the rank that stepped it, so all ranks hold the same weights again.</summary>
-    void GatherShardedParameters(CancellationToken deadline)
-    {
-        foreach (var p in Model.Parameters)
-        {
-            var bytes = TensorBytes.Of(p.Tensor, p.Name);
-            Wait(_dataParallel!.BroadcastAsync(bytes.Memory(0, checked((int)bytes.Length)), _optimizerOwner![p.Name], deadline));
-        }
-    }
-
     static long PeakResidentBytes()
     {
         using var self = Process.GetCurrentProcess();
@@ -283,19 +261,27 @@ public sealed class Trainer : IDisposable
         double computeMs = clock.Elapsed.TotalMilliseconds;
         double allReduceMs = 0;
         long allReduceBytes = 0;
+        // Under ZeRO-1 the copies' gradients are summed before the data-parallel reduce-scatter: afterwards only the
+        // owner holds the averaged part of each bucket (the pipeline's buckets start after the schedule, so here).
+        if (_optimizerOwner is not null) SumTiedEmbeddingGradients();
         if (_buckets is not null)
         {
             // Waits for what backward has not hidden (everything, without overlap).
             var reduceClock = Stopwatch.StartNew();
             Wait(_buckets.FinishAsync());
-            loss = _buckets.MeanLoss;
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }
-        SumTiedEmbeddingGradients();
+        if (_optimizerOwner is null) SumTiedEmbeddingGradients();
         double gradNorm = ClipGradients(deadline.Token);
         _optimizer.Step(learningRate);
-        if (_optimizerOwner is not null) GatherShardedParameters(deadline.Token);
+        if (_optimizerOwner is not null)
+        {
+            var gatherClock = Stopwatch.StartNew();
+            Wait(_buckets!.GatherWeightsAsync(deadline.Token));
+            allReduceMs += gatherClock.Elapsed.TotalMilliseconds;
+        }
+        if (_buckets is not null) loss = _buckets.MeanLoss;
         if (_buckets is not null) _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
         else Model.Module.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
@@ -309,18 +295,26 @@ public sealed class Trainer : IDisposable
     /// <summary>
     /// Clips by the global gradient norm. Under tensor parallelism every parameter counts once: each rank adds its
     /// slices, TP rank 0 adds the replicated parameters (identical on every TP rank), and the squared sum is
-    /// all-reduced over the TP group, so every rank clips by the same norm.
+    /// all-reduced over the TP group, so every rank clips by the same norm. Under ZeRO-1 a rank holds the averaged
+    /// gradients of its own parameters only: it adds and clips those, and the sum goes over the data-parallel group too.
     /// </summary>
     double ClipGradients(CancellationToken deadline)
     {
-        var all = Model.Parameters.Select(p => (Tensor)p.Tensor).ToList();
-        if (_modelParallel is not { } group) return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip);
-        var counted = Model.Parameters.Where(p => (!p.IsReplicated || TensorParallelRank == 0) && !IsTiedCopy(p)).Select(p => (Tensor)p.Tensor);
+        var held = Model.Parameters.Where(p => _optimizerOwner is null || _optimizerOwner[p.Name] == DataParallelRank).ToList();
+        var all = held.Select(p => (Tensor)p.Tensor).ToList();
+        if (_modelParallel is null && _optimizerOwner is null) return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip);
+        var counted = held.Where(p => (!p.IsReplicated || TensorParallelRank == 0) && !IsTiedCopy(p)).Select(p => (Tensor)p.Tensor);
         double Reduce(double squared)
         {
-            using var sum = tensor(new[] { (float)squared });
-            group.AllReduce(sum, ReduceOp.Sum);
-            return sum.item<float>();
+            var sum = new[] { (float)squared };
+            if (_optimizerOwner is not null) Wait(_dataParallel!.AllReduceAsync(sum, ReduceOp.Sum, deadline));
+            if (_modelParallel is { } group)
+            {
+                using var across = tensor(sum);
+                group.AllReduce(across, ReduceOp.Sum);
+                return across.item<float>();
+            }
+            return sum[0];
         }
         return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip, Reduce, counted);
     }

@@ -97,6 +97,33 @@ public class CollectiveTests
         }
     }
 
+    /// <summary>
+    /// ZeRO-1's collectives: in place over uneven segments (one empty). The reduced segment holds the same bits the
+    /// ring all-reduce gives, and the all-gather then leaves every rank with the whole all-reduced buffer.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public async Task InPlaceReduceScatterAndAllGatherOverUnevenSegmentsEqualTheRingAllReduce(int n, TransportKind transport)
+    {
+        await using var world = await World.StartAsync(n, transport, new CollectiveOptions { ChunkBytes = 1024, OneShotMaxBytes = 0 });
+        var g = world.Groups;
+        int total = 5000;
+        // Rank 0 owns nothing, the last rank the most (whole parameters dealt unevenly).
+        var cuts = Enumerable.Range(0, n + 1).Select(i => i <= 1 ? 0 : total * (i - 1) * (i - 1) / ((n - 1) * (n - 1))).ToArray();
+        var segments = Enumerable.Range(0, n).Select(i => (cuts[i], cuts[i + 1] - cuts[i])).ToArray();
+        var reduced = Enumerable.Range(0, n).Select(r => Data(r, total)).ToArray();
+        var expected = Enumerable.Range(0, n).Select(r => Data(r, total)).ToArray();
+        await Task.WhenAll(g.Select((x, r) => x.AllReduceAsync(expected[r], ReduceOp.Mean)));
+        await Task.WhenAll(g.Select((x, r) => x.ReduceScatterAsync(reduced[r], segments, ReduceOp.Mean)));
+        for (int r = 0; r < n; r++)
+            Assert.Equal(expected[r].AsSpan(segments[r].Item1, segments[r].Item2).ToArray(), reduced[r].AsSpan(segments[r].Item1, segments[r].Item2).ToArray());
+        await Task.WhenAll(g.Select((x, r) => x.AllGatherAsync(reduced[r], segments)));
+        Assert.All(reduced, x => Assert.Equal(expected[0], x));
+
+        var gap = await Assert.ThrowsAsync<ArgumentException>(() => g[0].ReduceScatterAsync(new float[total], [.. segments.Select(s => (s.Item1 + 1, s.Item2))], ReduceOp.Sum));
+        Assert.Contains("tile the buffer", gap.Message);
+    }
+
     [Theory]
     [MemberData(nameof(Cases))]
     public async Task AllGatherReduceScatterBroadcastSendReceiveAndBarrier(int n, TransportKind transport)

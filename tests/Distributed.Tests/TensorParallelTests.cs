@@ -28,6 +28,8 @@ public class TensorParallelTests
         public Task BroadcastAsync(Memory<byte> data, int root, CancellationToken ct = default) => throw Unexpected();
         public Task AllGatherAsync(ReadOnlyMemory<float> mine, Memory<float> all, CancellationToken ct = default) => throw Unexpected();
         public Task ReduceScatterAsync(ReadOnlyMemory<float> input, Memory<float> output, ReduceOp op, CancellationToken ct = default) => throw Unexpected();
+        public Task ReduceScatterAsync(Memory<float> data, IReadOnlyList<(int Start, int Length)> segments, ReduceOp op, CancellationToken ct = default) => throw Unexpected();
+        public Task AllGatherAsync(Memory<float> data, IReadOnlyList<(int Start, int Length)> segments, CancellationToken ct = default) => throw Unexpected();
         public Task SendAsync(int destination, ReadOnlyMemory<byte> data, CancellationToken ct = default) => throw Unexpected();
         public Task ReceiveAsync(int source, Memory<byte> data, CancellationToken ct = default) => throw Unexpected();
         public Task BarrierAsync(CancellationToken ct = default) => throw Unexpected();
