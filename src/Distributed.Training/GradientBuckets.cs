@@ -75,10 +75,10 @@ sealed class GradientBuckets : IDisposable
     unsafe void Seal(Tensor[] parameters, BucketPlan plan, int index)
     {
         var members = plan.Members[index];
-        long total = plan.Length(index, parameters);
+        long total = plan.Length(index);
         var flat = zeros(checked((int)total), dtype: ScalarType.Float32).DetachFromDisposeScope();
         var memory = new NativeMemory<float>(Pointer(flat), (int)total, owner: flat);
-        var bucket = new Bucket(flat, memory, members, plan.Segments(index, parameters));
+        var bucket = new Bucket(flat, memory, members, plan.Segments(index));
         if (_sharded)
         {
             bucket.Weights = zeros(checked((int)total), dtype: ScalarType.Float32).DetachFromDisposeScope();
@@ -232,7 +232,7 @@ sealed class GradientBuckets : IDisposable
 /// the token embedding, whose pipeline copies must stay bit-identical, and the loss) always belongs to the last rank,
 /// so every stage reduces it in the same order.
 /// </summary>
-sealed record BucketPlan(int[][] Members, int[][] Owners, int Ranks)
+public sealed record BucketPlan(long[] Elements, int[][] Members, int[][] Owners, int Ranks)
 {
     public bool Sharded => Ranks > 1;
 
@@ -261,7 +261,7 @@ sealed record BucketPlan(int[][] Members, int[][] Owners, int Ranks)
             }
         }
         if (owners[^1].Length > 0) owners[^1][^1] = ranks - 1;
-        return new BucketPlan([.. members], owners, ranks);
+        return new BucketPlan([.. elements], [.. members], owners, ranks);
     }
 
     public static BucketPlan Of(ILanguageModel model, long bucketBytes, int ranks) =>
@@ -277,19 +277,19 @@ sealed record BucketPlan(int[][] Members, int[][] Owners, int Ranks)
     }
 
     /// <summary>Elements of bucket <paramref name="index"/> (the loss's included).</summary>
-    public long Length(int index, IReadOnlyList<Tensor> parameters) => Members[index].Sum(i => parameters[i].NumberOfElements) + (index == Members.Length - 1 ? 1 : 0);
+    public long Length(int index) => Members[index].Sum(i => Elements[i]) + (index == Members.Length - 1 ? 1 : 0);
 
     /// <summary>Rank r's run of bucket <paramref name="index"/>: from its first parameter to the next rank's (the loss at the end goes with the last).</summary>
-    public (int Start, int Length)[] Segments(int index, IReadOnlyList<Tensor> parameters)
+    public (int Start, int Length)[] Segments(int index)
     {
         var starts = new long[Ranks + 1];
-        long total = Length(index, parameters), offset = 0;
+        long total = Length(index), offset = 0;
         Array.Fill(starts, total);
         starts[0] = 0;
         for (int k = 0; k < Members[index].Length; k++)
         {
             for (int r = Owners[index][k]; r >= 1 && starts[r] == total; r--) starts[r] = offset;
-            offset += parameters[Members[index][k]].NumberOfElements;
+            offset += Elements[Members[index][k]];
         }
         return Enumerable.Range(0, Ranks).Select(r => ((int)starts[r], (int)(starts[r + 1] - starts[r]))).ToArray();
     }

@@ -261,9 +261,6 @@ public sealed class Trainer : IDisposable
         double computeMs = clock.Elapsed.TotalMilliseconds;
         double allReduceMs = 0;
         long allReduceBytes = 0;
-        // Under ZeRO-1 the copies' gradients are summed before the data-parallel reduce-scatter: afterwards only the
-        // owner holds the averaged part of each bucket (the pipeline's buckets start after the schedule, so here).
-        if (_optimizerOwner is not null) SumTiedEmbeddingGradients();
         if (_buckets is not null)
         {
             // Waits for what backward has not hidden (everything, without overlap).
@@ -272,7 +269,8 @@ public sealed class Trainer : IDisposable
             allReduceMs = reduceClock.Elapsed.TotalMilliseconds;
             allReduceBytes = _buckets.Bytes;
         }
-        if (_optimizerOwner is null) SumTiedEmbeddingGradients();
+        // Under ZeRO-1 only the owner's copy is averaged: the same data-parallel rank owns it on both stages (BucketPlan).
+        SumTiedEmbeddingGradients();
         double gradNorm = ClipGradients(deadline.Token);
         _optimizer.Step(learningRate);
         if (_optimizerOwner is not null)

@@ -5,8 +5,8 @@ using Distributed.Training.Checkpoints;
 namespace Distributed.Tests;
 
 /// <summary>
-/// The single process, a dp=2 x tp=2 cluster and a tp=2 x pp=2 cluster of the same job, each run once: the
-/// references of the model-parallel equivalence, resharding and fault tests.
+/// The single process, a dp=2 x tp=2 cluster, a tp=2 x pp=2 cluster and a dp=2 x pp=2 cluster with ZeRO-1 of the
+/// same job, each run once: the references of the model-parallel equivalence, resharding and fault tests.
 /// </summary>
 public sealed class ModelParallelReference
 {
@@ -28,13 +28,28 @@ public sealed class ModelParallelReference
         Pipeline = TestSupport.TempDir("tp2-pp2");
         run = TestSupport.RunCli(Pipeline, TestSupport.TrainArgs(Pipeline, 4, Job.Concat(PipelineJob)));
         Assert.True(run.ExitCode == 0, $"tp2 x pp2: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        ShardedPipeline = TestSupport.TempDir("dp2-pp2-zero1");
+        run = TestSupport.RunCli(ShardedPipeline, TestSupport.TrainArgs(ShardedPipeline, 4, Job.Concat(ShardedPipelineJob)));
+        Assert.True(run.ExitCode == 0, $"dp2 x pp2 ZeRO-1: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
     }
+
+    public static readonly string[] ShardedPipelineJob = ["parallel.pp=2", "parallel.micro-batches=3", "parallel.shard-optimizer=true"];
+
+    /// <summary>The run dir of a reference layout by the name the tests use.</summary>
+    public string Of(string layout) => layout switch
+    {
+        "dp2 x tp2" => Grid,
+        "tp2 x pp2" => Pipeline,
+        "dp2 x pp2 ZeRO-1" => ShardedPipeline,
+        _ => throw new ArgumentException($"no reference run of {layout}"),
+    };
 
     public static readonly string[] PipelineJob = ["parallel.tp=2", "parallel.pp=2", "parallel.micro-batches=4"];
 
     public string Single { get; }
     public string Grid { get; }
     public string Pipeline { get; }
+    public string ShardedPipeline { get; }
 
     public static string Checkpoint(string runDir, long step) => Path.Combine(runDir, "checkpoints", CheckpointFiles.DirectoryName(step));
 }
@@ -102,13 +117,12 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
 
     /// <summary>
     /// ZeRO-1: each data-parallel rank keeps and steps the moments of its share of the parameters. The same result as
-    /// one process, each rank holding about half the moments, and its checkpoint (moments spread over the shards)
-    /// resumes as one process.
+    /// one process, each rank holding about half the moments (its checkpoints resume on any layout: the matrix below).
     /// </summary>
     [Theory]
     [InlineData(2)]
     [InlineData(4, "parallel.tp=2")]
-    public void AShardedOptimizerMatchesASingleProcessAndResumesAsOne(int workers, params string[] layout)
+    public void AShardedOptimizerMatchesASingleProcess(int workers, params string[] layout)
     {
         string dir = TestSupport.TempDir("zero1");
         var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, workers, ModelParallelReference.Job.Concat(layout).Append("parallel.shard-optimizer=true")));
@@ -122,11 +136,6 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
         Assert.Equal(workers, held.Count);
         foreach (var (moments, parameters) in held)
             Assert.True(moments < 0.65 * 2 * parameters * sizeof(float), $"a rank keeps {moments:N0} bytes of moments for {parameters:N0} parameters: not sharded over dp=2");
-
-        string single = TestSupport.TempDir("zero1-resume");
-        using (var trainer = new Trainer(TestSupport.TinyJob(single, ModelParallelReference.Job), TestSupport.Logger, ModelParallelReference.Checkpoint(dir, 25)))
-            trainer.Run(new Quiet());
-        AssertMatches(reference.Single, single, "ZeRO-1 checkpoint resumed as one process", fromStep: 26);
     }
 
     [Fact]
@@ -155,25 +164,40 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
         Assert.True(comparison.Identical, comparison.Difference);
     }
 
-    /// <summary>A checkpoint of one layout resumed as one process and as a cluster of another layout: both continue as the uninterrupted single process does.</summary>
+    [Fact]
+    public void AShardedOptimizerInAPipelineMatchesASingleProcess() => AssertMatches(reference.Single, reference.ShardedPipeline, "ZeRO-1, dp=2 x pp=2");
+
+    /// <summary>
+    /// The resharding matrix: a step-25 checkpoint of each layout (ZeRO-1's moment shards included) resumed as one
+    /// process, as dp=4 and as tp=2 x pp=2 continues as the uninterrupted single process does.
+    /// </summary>
     [Theory]
-    [InlineData("dp=2 x tp=2", 4, "parallel.tp=4")]
-    [InlineData("tp=2 x pp=2", 4, "parallel.tp=1")]   // as dp=4
-    public void ACheckpointResumesAsOneProcessAndOnAnotherLayout(string written, int workers, string layout)
+    [InlineData("dp2 x tp2", 1)]
+    [InlineData("dp2 x tp2", 4, "parallel.tp=1")]
+    [InlineData("dp2 x tp2", 4, "parallel.tp=2", "parallel.pp=2", "parallel.micro-batches=4")]
+    [InlineData("tp2 x pp2", 1)]
+    [InlineData("tp2 x pp2", 4, "parallel.tp=1")]
+    [InlineData("tp2 x pp2", 4, "parallel.tp=2", "parallel.pp=2", "parallel.micro-batches=4")]
+    [InlineData("dp2 x pp2 ZeRO-1", 1)]
+    [InlineData("dp2 x pp2 ZeRO-1", 4, "parallel.tp=1")]
+    [InlineData("dp2 x pp2 ZeRO-1", 4, "parallel.tp=2", "parallel.pp=2", "parallel.micro-batches=4")]
+    public void ACheckpointOfAnyLayoutResumesOnAnyOther(string written, int workers, params string[] layout)
     {
-        string at25 = ModelParallelReference.Checkpoint(written == "dp=2 x tp=2" ? reference.Grid : reference.Pipeline, 25);
-        string single = TestSupport.TempDir("reshard-tp1");
-        using (var trainer = new Trainer(TestSupport.TinyJob(single, ModelParallelReference.Job), TestSupport.Logger, at25))
+        string at25 = ModelParallelReference.Checkpoint(reference.Of(written), 25);
+        string dir = TestSupport.TempDir("reshard");
+        string what = $"{written} resumed {(workers == 1 ? "as one process" : $"on {workers} workers with {string.Join(" ", layout)}")}";
+        if (workers == 1)
         {
+            using var trainer = new Trainer(TestSupport.TinyJob(dir, ModelParallelReference.Job), TestSupport.Logger, at25);
             Assert.Equal(25, trainer.Step);
             trainer.Run(new Quiet());
         }
-        AssertMatches(reference.Single, single, $"{written} resumed as one process", fromStep: 26);
-
-        string other = TestSupport.TempDir("reshard");
-        var run = TestSupport.RunCli(other, [.. TestSupport.TrainArgs(other, workers, ModelParallelReference.Job.Append(layout)), "--resume", at25]);
-        Assert.True(run.ExitCode == 0, $"{written} resumed with {layout} on {workers} workers: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
-        AssertMatches(reference.Single, other, $"{written} resumed with {layout} on {workers} workers", fromStep: 26);
+        else
+        {
+            var run = TestSupport.RunCli(dir, [.. TestSupport.TrainArgs(dir, workers, ModelParallelReference.Job.Concat(layout)), "--resume", at25]);
+            Assert.True(run.ExitCode == 0, $"{what}: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
+        }
+        AssertMatches(reference.Single, dir, what, fromStep: 26);
     }
 
     [Fact]
