@@ -6,9 +6,25 @@ namespace Distributed.Core;
 /// (gpipe or 1f1b).
 /// </summary>
 /// <c>parallel.shard-optimizer</c> shards the AdamW moments over the data-parallel group (ZeRO-1).
-public sealed record ParallelSpec(int Tp, int Pp, int MicroBatches = 1, string Schedule = "1f1b", bool ShardOptimizer = false)
+/// <c>parallel.stage-layers</c> lists the blocks of each stage ("3,1"; empty: balanced by count), kept as the text
+/// the user wrote, normalised, so the spec stays a plain value.
+public sealed record ParallelSpec(int Tp, int Pp, int MicroBatches = 1, string Schedule = "1f1b", bool ShardOptimizer = false, string StageLayers = "")
 {
     public static readonly ParallelSpec None = new(1, 1);
+
+    /// <summary>The blocks of each stage as listed, or null for the balanced split.</summary>
+    public int[]? StageLayerCounts => StageLayers.Length == 0 ? null : ParseStageLayers(StageLayers);
+
+    /// <summary>"3,1", "3 1" or HOCON's "[3, 1]" as counts; anything else is a <see cref="ConfigException"/> naming the key.</summary>
+    public static int[] ParseStageLayers(string text)
+    {
+        var parts = text.Trim().TrimStart('[').TrimEnd(']').Split([',', ' '], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        var counts = new int[parts.Length];
+        for (int i = 0; i < parts.Length; i++)
+            if (!int.TryParse(parts[i], System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out counts[i]) || counts[i] < 1)
+                throw new ConfigException($"parallel.stage-layers must list a positive block count per stage (e.g. \"3,1\"), got '{text}'");
+        return counts;
+    }
 }
 
 /// <summary>A pipeline stage: blocks [FirstLayer, FirstLayer + Layers) of the model; the first stage also owns the embeddings, the last the final LayerNorm and the head.</summary>
@@ -19,9 +35,14 @@ public sealed record PipelineStage(int Index, int Count, int FirstLayer, int Lay
 
     public static readonly PipelineStage Whole = new(0, 1, 0, int.MaxValue);
 
-    /// <summary>Stage <paramref name="index"/> of <paramref name="count"/> over <paramref name="layers"/> blocks, balanced by layer count (earlier stages take the remainder).</summary>
-    public static PipelineStage Of(int index, int count, int layers)
+    /// <summary>
+    /// Stage <paramref name="index"/> of <paramref name="count"/> over <paramref name="layers"/> blocks: the listed
+    /// counts (<c>parallel.stage-layers</c>, validated by <see cref="ParallelLayout.For"/>), or balanced by layer
+    /// count (earlier stages take the remainder).
+    /// </summary>
+    public static PipelineStage Of(int index, int count, int layers, IReadOnlyList<int>? stageLayers = null)
     {
+        if (stageLayers is not null) return new PipelineStage(index, count, stageLayers.Take(index).Sum(), stageLayers[index]);
         int per = layers / count, extra = layers % count;
         return new PipelineStage(index, count, index * per + Math.Min(index, extra), per + (index < extra ? 1 : 0));
     }
@@ -55,6 +76,9 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
 {
     public int World => Dp * Tp * Pp;
 
+    /// <summary>The blocks of each stage when <c>parallel.stage-layers</c> lists them; null: balanced.</summary>
+    public int[]? StageLayers { get; init; }
+
     public static ParallelLayout Single { get; } = new(1, 1, 1);
 
     /// <summary>
@@ -66,6 +90,9 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
         int tp = spec.Parallel.Tp, pp = spec.Parallel.Pp, micro = spec.Parallel.MicroBatches;
         var problems = new List<string>();
         if (pp > spec.Model.Layers) problems.Add($"parallel.pp ({pp}) must not exceed model.n-layer ({spec.Model.Layers}): every stage needs a block");
+        var stageLayers = spec.Parallel.StageLayerCounts;
+        if (stageLayers is not null && (stageLayers.Length != pp || stageLayers.Sum() != spec.Model.Layers))
+            problems.Add($"parallel.stage-layers ({string.Join(",", stageLayers)}) must list parallel.pp ({pp}) block counts that sum to model.n-layer ({spec.Model.Layers})");
         if (pp > 1 && spec.Train.GradAccum != 1) problems.Add($"train.grad-accum ({spec.Train.GradAccum}) must be 1 with a pipeline: parallel.micro-batches ({micro}) splits the batch instead");
         if (spec.Parallel.Schedule is not ("gpipe" or "1f1b")) problems.Add($"parallel.schedule must be gpipe or 1f1b, got '{spec.Parallel.Schedule}'");
         if (workers % (tp * pp) != 0) problems.Add($"the workers ({workers}) must be divisible by tp x pp ({tp} x {pp})");
@@ -78,7 +105,7 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
             problems.Add($"a data-parallel rank's batch (train.batch-size / dp = {spec.Train.BatchSize / dp}) must be divisible by parallel.micro-batches ({micro})");
         if (problems.Count > 0)
             throw new ConfigException($"layout workers={workers} tp={tp} pp={pp} (dp={(double)workers / (tp * pp):0.##}) is invalid: {string.Join("; ", problems)}");
-        return new ParallelLayout(dp, tp, pp);
+        return new ParallelLayout(dp, tp, pp) { StageLayers = pp > 1 ? stageLayers : null };
     }
 
     public RankCoordinates Coordinates(int rank)
@@ -113,7 +140,7 @@ public sealed record ParallelLayout(int Dp, int Tp, int Pp)
     /// <summary>The rank whose step reports and evaluations the coordinator shows: the last stage computes the loss.</summary>
     public int ReportingRank => RankAt(new RankCoordinates(0, 0, Pp - 1));
 
-    public PipelineStage StageOf(int rank, int layers) => Pp == 1 ? PipelineStage.Whole : PipelineStage.Of(Coordinates(rank).Pp, Pp, layers);
+    public PipelineStage StageOf(int rank, int layers) => Pp == 1 ? PipelineStage.Whole : PipelineStage.Of(Coordinates(rank).Pp, Pp, layers, StageLayers);
 
     /// <summary>
     /// The embedding group of a rank on the first or last stage (those two ranks of its tp and dp coordinates, which

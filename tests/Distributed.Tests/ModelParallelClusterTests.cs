@@ -106,13 +106,15 @@ public class ModelParallelClusterTests(ModelParallelReference reference) : IClas
     [InlineData(2, "parallel.pp=2", "parallel.schedule=gpipe", "parallel.micro-batches=4")]
     [InlineData(2, "parallel.pp=2", "parallel.schedule=1f1b", "parallel.micro-batches=4")]
     [InlineData(4, "parallel.pp=4", "parallel.schedule=1f1b", "parallel.micro-batches=4")]
-    [InlineData(4, "parallel.pp=2", "parallel.schedule=1f1b", "parallel.micro-batches=3")]   // dp=2 x pp=2
+    [InlineData(4, "parallel.pp=2", "parallel.schedule=1f1b", "parallel.micro-batches=3", "parallel.stage-layers=3,1")]   // dp=2 x pp=2, uneven stages
     public void PipelineRunMatchesASingleProcess(int workers, params string[] layout)
     {
         string dir = TestSupport.TempDir("pp");
         var run = TestSupport.RunCli(dir, TestSupport.TrainArgs(dir, workers, ModelParallelReference.Job.Concat(layout)));
         Assert.True(run.ExitCode == 0, $"{string.Join(" ", layout)}: exit {run.ExitCode}\n{run.Stderr}\n{run.Stdout}");
         AssertMatches(reference.Single, dir, $"{workers} workers, {string.Join(" ", layout)}");
+        if (layout.Contains("parallel.stage-layers=3,1"))
+            Assert.Contains("stage 0 of 2 (blocks 0..2)", string.Join("\n", Directory.GetFiles(Path.Combine(dir, "logs"), "worker-*.log").Select(File.ReadAllText)));
     }
 
     /// <summary>

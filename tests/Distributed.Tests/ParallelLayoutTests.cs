@@ -66,6 +66,25 @@ public class ParallelLayoutTests
     }
 
     [Fact]
+    public void StageLayersListTheBlocksOfEachStageAndAreChecked()
+    {
+        var spec = TestSupport.TinyJob("unused", "model.n-layer=5", "parallel.pp=3", "parallel.stage-layers=[2, 1, 2]", "train.batch-size=6", "parallel.micro-batches=2");
+        Assert.Equal("2,1,2", spec.Parallel.StageLayers);
+        var layout = ParallelLayout.For(spec, 3);
+        Assert.Equal([(0, 2), (2, 1), (3, 2)], Enumerable.Range(0, 3).Select(r => layout.StageOf(r, 5)).Select(s => (s.FirstLayer, s.Layers)));
+        // Without the key the split is balanced (earlier stages take the remainder).
+        var balanced = ParallelLayout.For(TestSupport.TinyJob("unused", "model.n-layer=5", "parallel.pp=3", "train.batch-size=6", "parallel.micro-batches=2"), 3);
+        Assert.Equal([2, 2, 1], Enumerable.Range(0, 3).Select(r => balanced.StageOf(r, 5).Layers));
+
+        var wrongSum = Assert.Throws<ConfigException>(() => ParallelLayout.For(TestSupport.TinyJob("unused", "model.n-layer=5", "parallel.pp=3", "parallel.stage-layers=2,2,2", "train.batch-size=6", "parallel.micro-batches=2"), 3));
+        Assert.Contains("parallel.stage-layers (2,2,2) must list parallel.pp (3) block counts that sum to model.n-layer (5)", wrongSum.Message);
+        Assert.Throws<ConfigException>(() => ParallelLayout.For(TestSupport.TinyJob("unused", "model.n-layer=5", "parallel.pp=2", "parallel.stage-layers=2,2,1", "train.batch-size=6"), 2));
+        var notCounts = Assert.Throws<ConfigException>(() => TestSupport.TinyJob("unused", "parallel.stage-layers=2,x"));
+        Assert.Contains("parallel.stage-layers must list a positive block count per stage", notCounts.Message);
+        Assert.Throws<ConfigException>(() => TestSupport.TinyJob("unused", "parallel.stage-layers=0,2"));
+    }
+
+    [Fact]
     public void TensorParallelGroupsAreKeptOnOneHostWhenTheyFit()
     {
         // Registration order mixes the hosts; each host has room for one whole TP group of 2, one worker is left over.

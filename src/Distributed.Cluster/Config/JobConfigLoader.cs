@@ -68,6 +68,7 @@ public static class JobConfigLoader
         new("parallel.micro-batches", Kind.Int, "1", 1, 1 << 20),
         new("parallel.schedule", Kind.String, "1f1b"),
         new("parallel.shard-optimizer", Kind.Bool, "false"),
+        new("parallel.stage-layers", Kind.String, ""),
         new("persistence.provider", Kind.String, "sqlite"),
         new("persistence.connection-string", Kind.String, ""),
         new("persistence.snapshot-every", Kind.Int, "20", 1, int.MaxValue),
@@ -143,7 +144,8 @@ public static class JobConfigLoader
             Persistence: new PersistenceSpec(S("persistence.provider"), Raw("persistence.connection-string"), I("persistence.snapshot-every")),
             Recovery: new RecoverySpec(I("recovery.max-restarts"), D("recovery.worker-wait-timeout"), D("recovery.generation-start-timeout"), D("recovery.adopt-timeout")))
         {
-            Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule"), B("parallel.shard-optimizer")),
+            Parallel = new ParallelSpec(I("parallel.tp"), I("parallel.pp"), I("parallel.micro-batches"), S("parallel.schedule"), B("parallel.shard-optimizer"),
+                Raw("parallel.stage-layers").Length == 0 ? "" : string.Join(",", ParallelSpec.ParseStageLayers(Raw("parallel.stage-layers")))),
             Observability = new ObservabilitySpec(B("run.tensorboard"), I("cluster.metrics-port"), I("cluster.status-port"), S("cluster.http-host"),
                 D("cluster.report-interval")),
             Security = new SecuritySpec(S("security.mode"), Raw("security.certificates")),
@@ -169,7 +171,7 @@ public static class JobConfigLoader
             $"cluster {{ workers = {spec.Cluster.Workers}, transport = {Q(spec.Cluster.Transport)}, bucket-mb = {F(spec.Cluster.BucketMegabytes)}, collective-timeout = {F(spec.Cluster.CollectiveTimeoutSeconds)}, compression = {Q(spec.Cluster.Compression)}, " +
             $"kernels = {Q(spec.Cluster.Kernels)}, overlap = {(spec.Cluster.Overlap ? "true" : "false")}, " +
             $"metrics-port = {w.MetricsPort}, status-port = {w.StatusPort}, http-host = {Q(w.HttpHost)}, report-interval = {F(w.ReportIntervalSeconds)} }}",
-            $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)}, shard-optimizer = {(spec.Parallel.ShardOptimizer ? "true" : "false")} }}",
+            $"parallel {{ tp = {spec.Parallel.Tp}, pp = {spec.Parallel.Pp}, micro-batches = {spec.Parallel.MicroBatches}, schedule = {Q(spec.Parallel.Schedule)}, shard-optimizer = {(spec.Parallel.ShardOptimizer ? "true" : "false")}, stage-layers = {Q(spec.Parallel.StageLayers)} }}",
             $"persistence {{ provider = {Q(spec.Persistence.Provider)}, connection-string = {Q(spec.Persistence.ConnectionString)}, snapshot-every = {spec.Persistence.SnapshotEvery} }}",
             $"recovery {{ max-restarts = {spec.Recovery.MaxRestarts}, worker-wait-timeout = {F(spec.Recovery.WorkerWaitSeconds)}, " +
             $"generation-start-timeout = {F(spec.Recovery.GenerationStartSeconds)}, adopt-timeout = {F(spec.Recovery.AdoptSeconds)} }}",
