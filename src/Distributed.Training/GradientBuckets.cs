@@ -63,6 +63,8 @@ sealed class GradientBuckets : IDisposable
         _overlap = overlap;
         _sharded = plan.Sharded;
         var parameters = model.Parameters.Select(p => (Tensor)p.Tensor).ToArray();
+        if (!plan.Elements.SequenceEqual(parameters.Select(p => p.NumberOfElements)))
+            throw new ArgumentException("the bucket plan was made for other parameters than the model's", nameof(plan));
         _views = new Tensor[parameters.Length];
         _bucketOf = new int[parameters.Length];
         for (int b = 0; b < plan.Members.Length; b++) Seal(parameters, plan, b);

@@ -95,8 +95,7 @@ public sealed class Trainer : IDisposable
                 ? BucketPlan.Of(Model, (long)(_spec.Cluster.BucketMegabytes * 1_000_000), spec.Parallel.ShardOptimizer ? DataParallelSize : 1)
                 : null;
             if (plan is { Sharded: true }) _optimizerOwner = plan.OwnerByName(Model);
-            _optimizer = new AdamW(Model.Parameters.Where(p => _optimizerOwner is null || _optimizerOwner[p.Name] == DataParallelRank)
-                .Select(p => (p.Name, p.Tensor)), spec.Optimizer);
+            _optimizer = new AdamW(Model.Parameters.Where(Steps).Select(p => (p.Name, p.Tensor)), spec.Optimizer);
             if (checkpoint is not null)
             {
                 loading.Restart();
@@ -279,8 +278,11 @@ public sealed class Trainer : IDisposable
             Wait(_buckets!.GatherWeightsAsync(deadline.Token));
             allReduceMs += gatherClock.Elapsed.TotalMilliseconds;
         }
-        if (_buckets is not null) loss = _buckets.MeanLoss;
-        if (_buckets is not null) _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
+        if (_buckets is not null)
+        {
+            loss = _buckets.MeanLoss;
+            _buckets.ZeroGradients();   // in place: the gradients stay views of their buckets
+        }
         else Model.Module.zero_grad();
         double ms = clock.Elapsed.TotalMilliseconds;
         var result = new StepMetrics(Step + 1, loss, learningRate, gradNorm,
@@ -298,7 +300,7 @@ public sealed class Trainer : IDisposable
     /// </summary>
     double ClipGradients(CancellationToken deadline)
     {
-        var held = Model.Parameters.Where(p => _optimizerOwner is null || _optimizerOwner[p.Name] == DataParallelRank).ToList();
+        var held = Model.Parameters.Where(Steps).ToList();
         var all = held.Select(p => (Tensor)p.Tensor).ToList();
         if (_modelParallel is null && _optimizerOwner is null) return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip);
         var counted = held.Where(p => (!p.IsReplicated || TensorParallelRank == 0) && !IsTiedCopy(p)).Select(p => (Tensor)p.Tensor);
@@ -316,6 +318,9 @@ public sealed class Trainer : IDisposable
         }
         return GradientClipping.ClipByGlobalNorm(all, _spec.Optimizer.GradClip, Reduce, counted);
     }
+
+    /// <summary>Whether this rank steps <paramref name="p"/> (all of them, except under ZeRO-1: the ones it owns).</summary>
+    bool Steps(ModelParameter p) => _optimizerOwner is null || _optimizerOwner[p.Name] == DataParallelRank;
 
     /// <summary>The last stage's copy of the tied embedding (the first stage's counts in the norm and is written to checkpoints).</summary>
     bool IsTiedCopy(ModelParameter p) => _stage is { IsLast: true, IsFirst: false } && p.Name == TiedEmbedding;
