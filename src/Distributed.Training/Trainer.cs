@@ -183,6 +183,10 @@ public sealed class Trainer : IDisposable
                 {
                     step = m.Step, stage = _stage.Index, step_ms = Math.Round(m.StepMs, 3), wait_ms = Math.Round(_pipeline.Waiting.TotalMilliseconds, 3),
                     peak_in_flight = _pipeline.PeakInFlight, peak_rss_bytes = PeakResidentBytes(),
+                    // Each pass: name, then start, input in hand, compute done, output handed on, in microseconds of the
+                    // host's monotonic clock (shared by its processes, so stages line up).
+                    passes = _pipeline.Timeline.Select(t => new object[]
+                        { t.Pass.ToString(), Microseconds(t.Start), Microseconds(t.Ready), Microseconds(t.Done), Microseconds(t.End) }),
                 }));
 
             if (Step % _spec.Train.EvalInterval == 0 || Step == _spec.Train.MaxIters)
@@ -216,6 +220,8 @@ public sealed class Trainer : IDisposable
         Directory.CreateDirectory(dir);
         return new StreamWriter(Path.Combine(dir, $"rank-{Rank}.jsonl"), append: true) { AutoFlush = true };
     }
+
+    static long Microseconds(long ticks) => (long)(ticks * (1e6 / Stopwatch.Frequency));
 
     /// <summary>One optimizer step over the whole global batch (this rank's slice, accumulating micro-batches).</summary>
     public StepMetrics TrainStep()

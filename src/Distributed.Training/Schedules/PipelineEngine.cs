@@ -1,8 +1,12 @@
 using Distributed.Comm;
 using Distributed.Model.Parallel;
+using System.Diagnostics;
 using static TorchSharp.torch;
 
 namespace Distributed.Training.Schedules;
+
+/// <summary>When one pass of a step ran (Stopwatch ticks): started, had its input, finished computing, handed its output on.</summary>
+public readonly record struct PassTiming(PipelinePass Pass, long Start, long Ready, long Done, long End);
 
 /// <summary>
 /// Runs one stage of a pipeline: the passes of <see cref="PipelineSchedule"/> in order, receiving activations from the
@@ -23,6 +27,14 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
     public int PeakInFlight { get; private set; }
 
     /// <summary>
+    /// The last step's passes in the order run, each with four instants (Stopwatch ticks, a clock every process on the
+    /// host shares): start, input in hand, compute done, output handed on. Waiting is (ready - start) + (end - done).
+    /// </summary>
+    public IReadOnlyList<PassTiming> Timeline => _timeline;
+    readonly List<PassTiming> _timeline = [];
+    long _ready, _done;
+
+    /// <summary>
     /// Forward and backward of every micro-batch of one step; gradients accumulate in the parameters' .grad. Returns the
     /// sum of the micro-batch losses, each scaled by 1/M (on the last stage; 0 elsewhere).
     /// </summary>
@@ -34,9 +46,11 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
         double loss = 0;
         int inFlight = 0;
         (Waiting, PeakInFlight) = (TimeSpan.Zero, 0);
+        _timeline.Clear();
         foreach (var pass in PipelineSchedule.Passes(schedule, stage.Index, stage.Count, microBatches))
         {
             int m = pass.MicroBatch;
+            long start = _ready = _done = Stopwatch.GetTimestamp();
             if (pass.Forward)
             {
                 var (x, y) = microBatch(m);
@@ -61,6 +75,8 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
                 (inputs[m], outputs[m]) = (null, null);   // this micro-batch's activations may go
                 inFlight--;
             }
+            long end = Stopwatch.GetTimestamp();
+            _timeline.Add(new(pass, start, _ready, _done > start ? _done : end, end));
         }
         return loss;
     }
@@ -77,7 +93,8 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
 
     void Send(int stage, Tensor t, CancellationToken deadline)
     {
-        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var clock = Stopwatch.StartNew();
+        _done = Stopwatch.GetTimestamp();
         var data = t.detach().contiguous();
         var bytes = TensorBytes.Of(data, "activation");
         pipeline.SendAsync(stage, bytes.Memory(0, checked((int)bytes.Length)), deadline).GetAwaiter().GetResult();
@@ -86,11 +103,12 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
 
     Tensor Receive(int stage, long[] shape, CancellationToken deadline)
     {
-        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var clock = Stopwatch.StartNew();
         var t = empty(shape, dtype: ScalarType.Float32);
         var bytes = TensorBytes.Of(t, "activation");
         pipeline.ReceiveAsync(stage, bytes.Memory(0, checked((int)bytes.Length)), deadline).GetAwaiter().GetResult();
         Waiting += clock.Elapsed;
+        _ready = Stopwatch.GetTimestamp();
         return t;
     }
 }
