@@ -21,7 +21,8 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
     public int MicroBatches => microBatches;
 
     /// <summary>Time spent waiting for neighbours in the last step (receives and sends): the bubble plus transfers.</summary>
-    public TimeSpan Waiting { get; private set; }
+    public TimeSpan Waiting => _timeline.Aggregate(TimeSpan.Zero,
+        (sum, t) => sum + Stopwatch.GetElapsedTime(t.Start, t.Ready) + Stopwatch.GetElapsedTime(t.Done, t.End));
 
     /// <summary>The most micro-batches whose activations were alive at once in the last step.</summary>
     public int PeakInFlight { get; private set; }
@@ -45,15 +46,17 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
         var outputs = new Tensor?[microBatches];
         double loss = 0;
         int inFlight = 0;
-        (Waiting, PeakInFlight) = (TimeSpan.Zero, 0);
+        PeakInFlight = 0;
         _timeline.Clear();
         foreach (var pass in PipelineSchedule.Passes(schedule, stage.Index, stage.Count, microBatches))
         {
             int m = pass.MicroBatch;
-            long start = _ready = _done = Stopwatch.GetTimestamp();
+            // The batch is read before the clock starts: it is neither this stage's compute nor a wait for a neighbour.
+            var (x, y) = pass.Forward ? microBatch(m) : (null!, null!);
+            long start = _ready = Stopwatch.GetTimestamp();
+            _done = 0;   // set by a send; a pass that sends nothing is done when it ends
             if (pass.Forward)
             {
-                var (x, y) = microBatch(m);
                 var input = stage.IsFirst ? x : Receive(stage.Index - 1, [x.shape[0], x.shape[1], model.Spec.Embedding], deadline).requires_grad_(true);
                 var output = model.StageForward(input);
                 if (stage.IsLast)
@@ -76,7 +79,7 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
                 inFlight--;
             }
             long end = Stopwatch.GetTimestamp();
-            _timeline.Add(new(pass, start, _ready, _done > start ? _done : end, end));
+            _timeline.Add(new(pass, start, _ready, _done != 0 ? _done : end, end));
         }
         return loss;
     }
@@ -93,21 +96,17 @@ sealed class PipelineEngine(ParallelGpt model, IProcessGroup pipeline, TensorPar
 
     void Send(int stage, Tensor t, CancellationToken deadline)
     {
-        var clock = Stopwatch.StartNew();
         _done = Stopwatch.GetTimestamp();
         var data = t.detach().contiguous();
         var bytes = TensorBytes.Of(data, "activation");
         pipeline.SendAsync(stage, bytes.Memory(0, checked((int)bytes.Length)), deadline).GetAwaiter().GetResult();
-        Waiting += clock.Elapsed;
     }
 
     Tensor Receive(int stage, long[] shape, CancellationToken deadline)
     {
-        var clock = Stopwatch.StartNew();
         var t = empty(shape, dtype: ScalarType.Float32);
         var bytes = TensorBytes.Of(t, "activation");
         pipeline.ReceiveAsync(stage, bytes.Memory(0, checked((int)bytes.Length)), deadline).GetAwaiter().GetResult();
-        Waiting += clock.Elapsed;
         _ready = Stopwatch.GetTimestamp();
         return t;
     }
