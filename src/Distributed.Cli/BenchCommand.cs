@@ -36,10 +36,13 @@ static class BenchCommand
         // Where the one-shot algorithm hands over to the ring; the bench that chose the default sets it (bench/allreduce-algorithms).
         var oneShotMax = new Option<long?>("--one-shot-max-bytes");
         allReduce.Add(oneShotMax);
+        // The ring's chunk (CollectiveOptions.ChunkBytes), to choose its default by measurement.
+        var chunkBytes = new Option<int?>("--chunk-bytes");
+        allReduce.Add(chunkBytes);
         var security = new Option<string>("--security") { Description = "none or tls (mutual TLS on gRPC and on the raw-TCP bulk path)", DefaultValueFactory = _ => "none" };
         allReduce.Add(security);
         allReduce.SetAction((parse, ct) => AllReduceAsync(parse.GetValue(ranks), parse.GetValue(iters), parse.GetValue(transport)!,
-            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(oneShotMax), parse.GetValue(rank), parse.GetValue(rendezvous),
+            ParseSizes(parse.GetValue(sizes)!).Sizes!, parse.GetValue(oneShotMax), parse.GetValue(chunkBytes), parse.GetValue(rank), parse.GetValue(rendezvous),
             Distributed.Comm.Security.SecurityModes.Parse(parse.GetValue(security)!) == Distributed.Comm.Security.SecurityMode.Tls, ct));
 
         var config = new Option<string>("--config") { DefaultValueFactory = _ => "cluster-config/shakespeare-char.conf" };
@@ -79,7 +82,7 @@ static class BenchCommand
     /// is timed like the peers time theirs: a barrier, one all-reduce, the slowest rank's time; the median is reported.
     /// </summary>
     /// <param name="tls">mutual TLS with a CA rank 0 creates in the rendezvous directory</param>
-    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, long? oneShotMaxBytes, int rank, string? rendezvous,
+    static async Task<int> AllReduceAsync(int n, int iterations, string transport, long[] sizes, long? oneShotMaxBytes, int? chunkBytes, int rank, string? rendezvous,
         bool tls, CancellationToken ct)
     {
         var kind = TransportKinds.Parse(transport);
@@ -92,7 +95,8 @@ static class BenchCommand
             {
                 string[] child = ["bench", "allreduce", "--ranks", $"{n}", "--iters", $"{iterations}", "--transport", transport,
                     "--sizes", string.Join(',', sizes), "--rank", $"{r}", "--rendezvous", rendezvous, "--security", tls ? "tls" : "none",
-                    .. (oneShotMaxBytes is { } limit ? new[] { "--one-shot-max-bytes", $"{limit}" } : [])];
+                    .. (oneShotMaxBytes is { } limit ? new[] { "--one-shot-max-bytes", $"{limit}" } : []),
+                    .. (chunkBytes is { } chunk ? new[] { "--chunk-bytes", $"{chunk}" } : [])];
                 children.Add(Process.Start(SelfProcess.StartInfo(child))!);
             }
         }
@@ -116,7 +120,7 @@ static class BenchCommand
             }
             node.BeginGeneration(1, rank, n);
             await using var links = new PeerLinks(node, 1, endpoints, kind);
-            var group = new ProcessGroup(links, 0, Enumerable.Range(0, n).ToArray(), new CollectiveOptions { OneShotMaxBytes = oneShotMaxBytes });
+            var group = new ProcessGroup(links, 0, Enumerable.Range(0, n).ToArray(), new CollectiveOptions { OneShotMaxBytes = oneShotMaxBytes, ChunkBytes = chunkBytes ?? new CollectiveOptions().ChunkBytes });
             foreach (long bytes in sizes)
             {
                 var buffer = new float[bytes / sizeof(float)];

@@ -31,17 +31,37 @@ public sealed class SharedMemoryRing : IDisposable
 
     public string Path { get; }
 
-    /// <summary>The receiver creates the ring (zeroed: both positions 0).</summary>
+    /// <summary>The receiver creates the ring (zeroed: both positions 0), its pages allocated.</summary>
     public static SharedMemoryRing Create(string path, long capacity)
     {
         using (var stream = new FileStream(path, FileMode.Create, FileAccess.ReadWrite)) stream.SetLength(HeaderBytes + capacity);
-        return new SharedMemoryRing(path, MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, HeaderBytes + capacity), capacity);
+        var ring = new SharedMemoryRing(path, MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, HeaderBytes + capacity), capacity);
+        ring.TouchPages(write: true);
+        return ring;
     }
 
     public static SharedMemoryRing Open(string path)
     {
         long capacity = new FileInfo(path).Length - HeaderBytes;
-        return new SharedMemoryRing(path, MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0), capacity);
+        var ring = new SharedMemoryRing(path, MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0), capacity);
+        ring.TouchPages(write: false);
+        return ring;
+    }
+
+    /// <summary>
+    /// Faults every page of the data area into this mapping now, not on the first pass of the traffic through it:
+    /// a first touch (a tmpfs page allocated and zeroed, then mapped in each process) measured 2-3x the time of a
+    /// warm ring on 256 KiB-4 MiB all-reduces. The creator writes (allocating the pages); the opener only reads.
+    /// </summary>
+    unsafe void TouchPages(bool write)
+    {
+        const int Page = 4096;
+        byte* data = Data;
+        for (long offset = 0; offset < _capacity; offset += Page)
+        {
+            if (write) data[offset] = 0;
+            else _ = Volatile.Read(ref data[offset]);
+        }
     }
 
     // Header: the writer's cache line holds its position and the reader's doorbell (a futex word the writer bumps
