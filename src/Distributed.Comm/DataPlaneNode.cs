@@ -211,7 +211,12 @@ public sealed class DataPlaneNode : IAsyncDisposable
         return path;
     }
 
-    /// <summary>Delivers what the ring's one writer, <paramref name="source"/>, sends; traffic claiming another sender ends the link.</summary>
+    /// <summary>
+    /// Delivers what the ring's one writer, <paramref name="source"/>, sends; traffic claiming another sender ends the link.
+    /// A frame that does not wrap is handed over in place, without a copy: a receive that already waits reads (reduces)
+    /// it straight out of the ring, and the frame goes back to the writer once that receive has disposed it, which it
+    /// does on this thread before the delivery returns (the mailbox copies a chunk that must wait for its receive).
+    /// </summary>
     void DrainRing(SharedMemoryRing ring, int source, long generation, CancellationToken stop)
     {
         var header = new byte[BulkHeaderBytes];
@@ -219,17 +224,33 @@ public sealed class DataPlaneNode : IAsyncDisposable
         {
             while (true)
             {
-                byte[]? payload = null;
-                ring.Read(header, length => payload = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1)),
-                    h => Math.Clamp(BinaryPrimitives.ReadInt32LittleEndian(h[36..]), 0, MaxMessageBytes), stop);
+                long frame = ring.ReadHeader(header, stop);
                 var chunkHeader = ReadHeader(header, out int length);
-                try { DeliverFrom(source, generation, chunkHeader, new ReceivedChunk(payload.AsMemory(0, length), payload)); }
+                ReceivedChunk chunk;
+                if (ring.TryPayloadInPlace(frame, header.Length, length, out var inPlace)) chunk = ReceivedChunk.Borrowed(inPlace);
+                else
+                {
+                    var payload = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1));
+                    ring.CopyPayload(frame, header.Length, payload.AsSpan(0, length));
+                    chunk = new ReceivedChunk(payload.AsMemory(0, length), payload);
+                }
+                try { DeliverFrom(source, generation, chunkHeader, chunk); }
                 catch (StaleGenerationException e) { _logger.LogWarning("{Message}", e.Message); }
+                finally
+                {
+                    // Only a receive whose continuation did not run inline still holds the frame; none holds it for long.
+                    if (chunk.IsBorrowed && !chunk.WaitUntilReleased(BorrowedFrameTimeout, stop))
+                        throw new DataPlaneProtocolException($"a receive held a frame of rank {source}'s shared-memory ring for {BorrowedFrameTimeout.TotalSeconds:0} s");
+                    ring.Release(frame, header.Length, length);
+                }
             }
         }
         catch (OperationCanceledException) { }
         catch (DataPlaneProtocolException e) when (!stop.IsCancellationRequested) { PeerStreamBroke(source, e); }
     }
+
+    /// <summary>How long a receive may hold a ring frame handed to it in place before the link is failed.</summary>
+    static readonly TimeSpan BorrowedFrameTimeout = TimeSpan.FromSeconds(30);
 
     void CloseInboundRings()
     {

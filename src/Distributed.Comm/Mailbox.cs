@@ -6,14 +6,39 @@ namespace Distributed.Comm;
 /// <summary>Where a chunk belongs: which generation, sender, process group, collective and position.</summary>
 public readonly record struct ChunkHeader(long Generation, int SourceRank, int Group, long OpId, int Seq, long Offset);
 
-/// <summary>A received payload. Pooled buffers go back to the pool on Dispose.</summary>
+/// <summary>
+/// A received payload. Pooled buffers go back to the pool on Dispose. A borrowed payload (a frame still in a
+/// shared-memory ring, handed to a receive that already waits) belongs to its transport until Dispose, which tells it.
+/// </summary>
 public sealed class ReceivedChunk(ReadOnlyMemory<byte> payload, byte[]? pooled = null) : IDisposable
 {
+    ManualResetEventSlim? _released;
+    int _disposed;
+
     public ReadOnlyMemory<byte> Payload { get; } = payload;
+
+    public static ReceivedChunk Borrowed(ReadOnlyMemory<byte> payload) => new(payload) { _released = new ManualResetEventSlim() };
+
+    public bool IsBorrowed => _released is not null;
+
+    /// <summary>A pooled copy of a borrowed payload (for a chunk that must wait for its receive); this one is released.</summary>
+    public ReceivedChunk Detach()
+    {
+        var copy = ArrayPool<byte>.Shared.Rent(Math.Max(1, Payload.Length));
+        Payload.Span.CopyTo(copy);
+        var detached = new ReceivedChunk(copy.AsMemory(0, Payload.Length), copy);
+        Dispose();
+        return detached;
+    }
+
+    /// <summary>For the transport of a borrowed payload: whether its receiver has disposed it, waiting at most <paramref name="timeout"/>.</summary>
+    public bool WaitUntilReleased(TimeSpan timeout, CancellationToken cancellationToken) => _released!.Wait(timeout, cancellationToken);
 
     public void Dispose()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
         if (pooled is not null) ArrayPool<byte>.Shared.Return(pooled);
+        _released?.Set();
     }
 }
 
@@ -134,6 +159,7 @@ public sealed class Mailbox(DataPlaneCounters? counters = null)
                 throw new RejectedChunkException(header,
                     $"rank {header.SourceRank} has {unclaimed.Chunks - 1} chunks ({(unclaimed.Bytes - length) >> 20} MiB) that no receive has asked for");
             }
+            if (chunk.IsBorrowed) chunk = chunk.Detach();   // its transport needs the bytes back before a receive may come
             var fresh = new Slot { UnclaimedBytes = length };
             slot = _slots.GetOrAdd(key, fresh);
             if (!ReferenceEquals(slot, fresh)) Claimed(header.SourceRank, length);   // a receive came first after all

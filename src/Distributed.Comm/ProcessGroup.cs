@@ -206,10 +206,10 @@ public sealed class ProcessGroup : IProcessGroup
         try
         {
             data.Span.CopyTo(own);
+            var reducing = CancelOthersOnFailure(ReduceInRankOrder(), failed);   // its first receive waits before the sends go out
             var sends = new List<Task>(n - 1);
             for (int m = 0; m < n; m++)
                 if (m != Rank) sends.Add(CancelOthersOnFailure(SendChunks(m, opId, AsBytes(own.AsMemory(0, data.Length)), failed.Token), failed));
-            var reducing = CancelOthersOnFailure(ReduceInRankOrder(), failed);
             await Task.WhenAll(sends.Append(reducing)).ConfigureAwait(false);
         }
         catch (PeerFailedException e)
@@ -359,8 +359,10 @@ public sealed class ProcessGroup : IProcessGroup
             }
         }
 
-        var sending = SendFirstStep();
+        // The first receive is posted before the first send, so that the peer's chunk finds it waiting (and can be
+        // reduced straight out of a shared-memory ring instead of parked in a copy).
         var receiving = ReceiveAndForward();
+        var sending = SendFirstStep();
         try
         {
             await Task.WhenAll(CancelOthersOnFailure(sending, failed), CancelOthersOnFailure(receiving, failed)).ConfigureAwait(false);

@@ -132,17 +132,29 @@ public sealed class SharedMemoryRing : IDisposable
     /// <summary>Wakes a reader sleeping on the doorbell (so that it sees its cancellation at once).</summary>
     public void WakeReader() => RingDoorbell();
 
-    /// <summary>Waits for the next frame; copies its header into <paramref name="header"/> and its payload via <paramref name="payload"/>.</summary>
-    public void Read(Span<byte> header, Func<int, Memory<byte>> payloadBuffer, Func<ReadOnlySpan<byte>, int> payloadLength, CancellationToken cancellationToken)
+    /// <summary>Waits for the next frame and copies its header into <paramref name="header"/>; returns the frame's position.</summary>
+    public long ReadHeader(Span<byte> header, CancellationToken cancellationToken)
     {
-        long read = Volatile.Read(ref ReadPosition);
-        if (Volatile.Read(ref WritePosition) == read) WaitForData(read, cancellationToken);
-        CopyOut(read, header);
-        int length = payloadLength(header);
-        var target = payloadBuffer(length);
-        CopyOut(read + header.Length, target.Span[..length]);
-        Volatile.Write(ref ReadPosition, read + Align(header.Length + length));
+        long frame = Volatile.Read(ref ReadPosition);
+        if (Volatile.Read(ref WritePosition) == frame) WaitForData(frame, cancellationToken);
+        CopyOut(frame, header);
+        return frame;
     }
+
+    /// <summary>The frame's payload where it lies in the ring, when it does not wrap around the ring's end; valid until <see cref="Release"/>.</summary>
+    public unsafe bool TryPayloadInPlace(long frame, int headerLength, int length, out ReadOnlyMemory<byte> payload)
+    {
+        long offset = (frame + headerLength) % _capacity;
+        payload = default;
+        if (offset + length > _capacity) return false;
+        payload = new NativeMemory<byte>(Data + offset, length, this).Memory;
+        return true;
+    }
+
+    public void CopyPayload(long frame, int headerLength, Span<byte> target) => CopyOut(frame + headerLength, target);
+
+    /// <summary>Gives the frame's bytes back to the writer.</summary>
+    public void Release(long frame, int headerLength, int length) => Volatile.Write(ref ReadPosition, frame + Align(headerLength + length));
 
     /// <summary>Spins briefly (the next chunk of a collective in flight), then sleeps on the doorbell: an idle ring costs no CPU.</summary>
     unsafe void WaitForData(long read, CancellationToken cancellationToken)
