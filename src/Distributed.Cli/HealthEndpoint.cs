@@ -1,3 +1,4 @@
+using Distributed.Comm;
 using System.Net;
 using Akka.Actor;
 using Microsoft.AspNetCore.Builder;
@@ -30,8 +31,7 @@ sealed class HealthEndpoint : IAsyncDisposable
     public static async Task<HealthEndpoint?> StartAsync(int? port, CancellationToken cancellationToken)
     {
         if (port is null) return null;
-        var builder = WebApplication.CreateSlimBuilder();
-        builder.Logging.ClearProviders();
+        var builder = EmbeddedWebHost.CreateBuilder();
         builder.WebHost.ConfigureKestrel(k => k.Listen(IPAddress.Any, port.Value));
         var app = builder.Build();
         var endpoint = new HealthEndpoint(app);

@@ -103,8 +103,7 @@ public sealed class DataPlaneNode : IAsyncDisposable
     public static async Task<DataPlaneNode> StartAsync(string bindAddress = "127.0.0.1", int port = 0, string? advertisedHost = null,
         ILoggerFactory? loggerFactory = null, CancellationToken cancellationToken = default, ClusterCredentials? credentials = null)
     {
-        var builder = WebApplication.CreateSlimBuilder();
-        builder.Logging.ClearProviders();
+        var builder = EmbeddedWebHost.CreateBuilder();
         var ip = IPAddress.Parse(bindAddress);
         builder.WebHost.ConfigureKestrel(kestrel =>
         {

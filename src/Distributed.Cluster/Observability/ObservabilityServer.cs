@@ -1,3 +1,4 @@
+using Distributed.Comm;
 using System.Net;
 using System.Reflection;
 using System.Text.Json;
@@ -41,8 +42,7 @@ public sealed class ObservabilityServer : IAsyncDisposable
         var metrics = new JobMetrics(board);
         system.ActorOf(JobStatusActor.Props(coordinator, board, metrics, spec.RunDir), "job-status");
 
-        var builder = WebApplication.CreateSlimBuilder();
-        builder.Logging.ClearProviders();
+        var builder = EmbeddedWebHost.CreateBuilder();
         var address = o.HttpHost is "0.0.0.0" or "*" ? IPAddress.Any : IPAddress.Parse(o.HttpHost);
         ListenOptions? metricsListener = null, statusListener = null;
         builder.WebHost.ConfigureKestrel(k =>
