@@ -157,15 +157,19 @@ public class ObservabilityTests(LiveRun run) : IClassFixture<LiveRun>
         Assert.Equal(line.GetProperty("loss").GetDouble(), Value("dtrain_train_loss"), 1e-9);
         Assert.Equal(line.GetProperty("lr").GetDouble(), Value("dtrain_learning_rate"), 1e-12);
         Assert.Equal(line.GetProperty("grad_norm").GetDouble(), Value("dtrain_grad_norm"), 1e-9);
-        var eval = File.ReadLines(Path.Combine(run.Dir, "eval.jsonl")).Select(l => JsonDocument.Parse(l).RootElement)
-            .Last(e => e.GetProperty("step").GetInt64() <= step);
-        Assert.Equal(eval.GetProperty("val_loss").GetDouble(), Value("dtrain_val_loss"), 1e-9);
+        // Evaluations are reported at once and step reports every 200 ms, so the latest evaluation may be newer than
+        // dtrain_step; never older than the last one at or before it, never newer than metrics.jsonl (read after the scrape).
+        long logged = File.ReadLines(Path.Combine(run.Dir, "metrics.jsonl")).Max(l => JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64());
+        var evals = File.ReadLines(Path.Combine(run.Dir, "eval.jsonl")).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+        long oldestPossible = evals.Last(e => e.GetProperty("step").GetInt64() <= step).GetProperty("step").GetInt64();
+        var eval = evals.Where(e => e.GetProperty("step").GetInt64() >= oldestPossible && e.GetProperty("step").GetInt64() <= logged)
+            .Where(e => Math.Abs(e.GetProperty("val_loss").GetDouble() - Value("dtrain_val_loss")) <= 1e-9).ToList();
+        Assert.True(eval.Count == 1, $"dtrain_val_loss {Value("dtrain_val_loss")} is not the val_loss of one evaluation at steps {oldestPossible}..{logged}");
         Assert.Equal(Math.Exp(Value("dtrain_val_loss")), Value("dtrain_val_perplexity"), 1e-6);
         Assert.Equal(0, Value("dtrain_checkpoint_last_step") % 50);
 
         // Step reports are throttled (every 200 ms) and samples are not, so a rank's step may run ahead of dtrain_step.
-        // It cannot run ahead of rank 0's metrics.jsonl (read after the scrape) by more than the step both are in.
-        long logged = File.ReadLines(Path.Combine(run.Dir, "metrics.jsonl")).Max(l => JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64());
+        // It cannot run ahead of rank 0's metrics.jsonl (read above, after the scrape) by more than the step both are in.
         foreach (var rank in new[] { "0", "1" })
         {
             var worker = samples.First(s => s.Name == "dtrain_worker_step" && s.Labels["rank"] == rank).Labels;
