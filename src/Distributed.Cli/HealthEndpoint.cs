@@ -1,6 +1,6 @@
-using Distributed.Comm;
 using System.Net;
 using Akka.Actor;
+using Distributed.Comm;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;

@@ -160,11 +160,12 @@ public class ObservabilityTests(LiveRun run) : IClassFixture<LiveRun>
         // Evaluations are reported at once and step reports every 200 ms, so the latest evaluation may be newer than
         // dtrain_step; never older than the last one at or before it, never newer than metrics.jsonl (read after the scrape).
         long logged = File.ReadLines(Path.Combine(run.Dir, "metrics.jsonl")).Max(l => JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64());
-        var evals = File.ReadLines(Path.Combine(run.Dir, "eval.jsonl")).Select(l => JsonDocument.Parse(l).RootElement).ToList();
-        long oldestPossible = evals.Last(e => e.GetProperty("step").GetInt64() <= step).GetProperty("step").GetInt64();
-        var eval = evals.Where(e => e.GetProperty("step").GetInt64() >= oldestPossible && e.GetProperty("step").GetInt64() <= logged)
-            .Where(e => Math.Abs(e.GetProperty("val_loss").GetDouble() - Value("dtrain_val_loss")) <= 1e-9).ToList();
-        Assert.True(eval.Count == 1, $"dtrain_val_loss {Value("dtrain_val_loss")} is not the val_loss of one evaluation at steps {oldestPossible}..{logged}");
+        var evals = File.ReadLines(Path.Combine(run.Dir, "eval.jsonl")).Select(l => JsonDocument.Parse(l).RootElement)
+            .Select(e => (Step: e.GetProperty("step").GetInt64(), ValLoss: e.GetProperty("val_loss").GetDouble())).ToList();
+        long oldestPossible = evals.Last(e => e.Step <= step).Step;
+        double valLoss = Value("dtrain_val_loss");
+        var matching = evals.Where(e => e.Step >= oldestPossible && e.Step <= logged && Math.Abs(e.ValLoss - valLoss) <= 1e-9).ToList();
+        Assert.True(matching.Count == 1, $"dtrain_val_loss {valLoss} is not the val_loss of one evaluation at steps {oldestPossible}..{logged}");
         Assert.Equal(Math.Exp(Value("dtrain_val_loss")), Value("dtrain_val_perplexity"), 1e-6);
         Assert.Equal(0, Value("dtrain_checkpoint_last_step") % 50);
 

@@ -1,8 +1,8 @@
-using Distributed.Comm;
 using System.Net;
 using System.Reflection;
 using System.Text.Json;
 using Akka.Actor;
+using Distributed.Comm;
 using Distributed.Core;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
